@@ -1,0 +1,96 @@
+"""`saecache info`: what a cache is, how far its harvest got, what it costs on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from saecache.storage import layout as names
+from saecache.storage.cache import Cache
+from saecache.storage.stats import LayerStats
+from saecache.storage.store import size_of
+from saecache.units import format_count
+
+
+def describe(cache: Cache) -> dict:
+    """A JSON-able description: provenance, layout, progress, storage and per-layer stats."""
+    lay = cache.layout
+    committed = cache.committed()
+    done_seqs = sum(len(lay.block_seqs(int(b))) for b in np.flatnonzero(committed))
+    resid_logical = done_seqs * lay.ctx * lay.d * 2 * len(lay.layers)
+    resid_stored = sum(size_of(cache.store, names.resid_name(layer)) for layer in lay.layers)
+    return {
+        "location": cache.location,
+        "format_version": cache.meta["format_version"],
+        "saecache_version": cache.meta["saecache_version"],
+        "provenance": cache.provenance.to_json(),
+        "layout": {**lay.to_json(), "rows_per_chunk": lay.rows_per_block, "n_tokens": lay.n_tokens,
+                   "n_blocks": lay.n_blocks},
+        "progress": {
+            "tokens_done": cache.tokens_done,
+            "blocks_committed": int(committed.sum()),
+            "n_blocks": lay.n_blocks,
+            "tokens_committed": done_seqs * lay.ctx,
+            "complete": cache.complete,
+        },
+        "storage": {
+            "bytes_on_disk": size_of(cache.store),
+            "resid_bytes_logical": resid_logical,
+            "resid_bytes_stored": resid_stored,
+            "compression_ratio": resid_logical / resid_stored if resid_stored else None,
+        },
+        "stats": _stats(cache, committed),
+    }
+
+
+def _stats(cache: Cache, committed: np.ndarray) -> dict:
+    """Per-layer statistics: final ones when complete, else over the blocks committed so far."""
+    if cache.complete:
+        stats = {layer: cache.layer_stats(layer) for layer in cache.layout.layers}
+    elif committed.any():
+        sums = cache.block_stats()[committed]  # (blocks, n_layers, d + 4)
+        stats = {layer: LayerStats.reduce(sums[:, i]) for i, layer in enumerate(cache.layout.layers)}
+    else:
+        return {}
+    return {f"{layer:02d}": {"mean_norm": s.mean_norm, "mean_sq_norm": s.mean_sq_norm,
+                             "mean_abs_mean": float(np.abs(s.mean).mean()), "rows": s.rows,
+                             "nonfinite": s.nonfinite} for layer, s in stats.items()}
+
+
+def format_info(info: dict) -> str:
+    """The human-readable form of :func:`describe`."""
+    p, lay, prog, st = info["provenance"], info["layout"], info["progress"], info["storage"]
+    gib = 2**30
+    ratio = f"{st['compression_ratio']:.3f}×" if st["compression_ratio"] else "n/a"
+    lines = [
+        f"cache        {info['location']}  (format {info['format_version']}, saecache {info['saecache_version']})",
+        f"model        {p['model']} @ {p['revision'] or 'default'}  [{p['architecture']}, {p['dtype']}, blocks {p['blocks']}]",
+        f"dataset      {p['dataset']}  config={p['dataset_config']} split={p['split']} "
+        f"revision={p['dataset_revision']} field={p['text_field']}",
+        f"layout       ctx {lay['ctx']}, d {lay['d']}, layers {_ranges(lay['layers'])}, "
+        f"{lay['rows_per_chunk']} rows/chunk, compression {lay['compression']}, crc32c",
+        f"tokens       {format_count(lay['n_tokens'])} in {lay['n_seq']} sequences "
+        f"(budget {format_count(p['token_budget'])})" if prog["tokens_done"] else
+        "tokens       tokenisation not finished",
+        f"progress     {prog['blocks_committed']}/{prog['n_blocks']} blocks, "
+        f"{format_count(prog['tokens_committed'])} tokens" + ("  complete" if prog["complete"] else ""),
+        f"on disk      {st['bytes_on_disk'] / gib:.3f} GiB; residuals {st['resid_bytes_stored'] / gib:.3f} GiB "
+        f"stored for {st['resid_bytes_logical'] / gib:.3f} GiB ({ratio})",
+    ]
+    if info["stats"]:
+        lines.append("layer   E|x|      E|x|^2      rows  non-finite")
+        for layer, s in info["stats"].items():
+            lines.append(f"{layer:>5} {s['mean_norm']:8.3f} {s['mean_sq_norm']:11.3f} "
+                         f"{s['rows']:9d} {s['nonfinite']:11d}")
+    return "\n".join(lines)
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] → '0-2,5'."""
+    out, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            out.append(f"{start}-{layer}" if layer != start else f"{layer}")
+            start = None
+    return ",".join(out)
