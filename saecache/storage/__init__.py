@@ -1,0 +1,1 @@
+"""The cache between the two stages: a Zarr v3 group, its layout, commit record and checks."""

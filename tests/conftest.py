@@ -1,0 +1,51 @@
+"""Shared fixtures: the tiny GPT-NeoX built locally, and one harvested cache to read from."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from saecache.corpus import DatasetSpec  # noqa: E402
+from saecache.harvest import HarvestConfig, harvest  # noqa: E402
+from saecache.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model  # noqa: E402
+
+CTX = 32
+TOKENS = 2048  # 64 sequences
+CHUNK_ROWS = 256  # 8 sequences per block → 8 blocks
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 3-block GPT-NeoX (d=64) with random weights, saved and loaded by path."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", TinyModelConfig())
+
+
+def harvest_config(cache: Path, model: Path, **overrides) -> HarvestConfig:
+    """The tests' standard harvest: the bundled text, ctx 32, 8 blocks of 8 sequences."""
+    options = dict(cache=str(cache), model=str(model), dataset=DatasetSpec(str(DEMO_TEXT)),
+                   tokens=TOKENS, ctx=CTX, chunk_rows=CHUNK_ROWS, batch_size=4, device="cpu",
+                   writer_threads=2, buffers=2, progress=False)
+    return HarvestConfig(**{**options, **overrides})
+
+
+@pytest.fixture(scope="session")
+def cache_path(tmp_path_factory, tiny_model) -> Path:
+    """One complete cache of the tiny model; tests must not modify it (copy it first)."""
+    path = tmp_path_factory.mktemp("cache") / "cache.zarr"
+    harvest(harvest_config(path, tiny_model))
+    return path
+
+
+def tree_digest(path: Path) -> str:
+    """sha256 over every file's relative name and bytes: equal digests, identical trees."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
