@@ -166,7 +166,7 @@ def verify(cache, threads, storage_option):
     report = run_verify(Cache.open(cache, storage_options=_storage_options(storage_option)), threads)
     for problem in report.problems:
         click.echo(f"BAD {problem}", err=True)
-    counts = ", ".join(f"{layer}: {n}" for layer, n in report.nonfinite.items() if n) or "none"
+    counts = ", ".join(f"layer {layer}: {n}" for layer, n in report.nonfinite.items() if n) or "none"
     click.echo(f"read {report.chunks_read} chunks ({report.bytes_read / 2**30:.3f} GiB); "
                f"non-finite values: {counts}")
     if not report.ok:

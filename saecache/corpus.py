@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,8 +76,13 @@ def _open_local(spec: DatasetSpec):
             saved = saved[spec.split]
         return saved.to_iterable_dataset()
     builder, files = _local_files(path)
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise SaecacheError(f"dataset {spec.id} is empty: give a file or folder with text in it")
     extra = {"sample_by": "paragraph"} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+    except Exception as err:  # e.g. an empty or malformed file
+        raise SaecacheError(f"could not read dataset {spec.id}: {_first_line(err)}") from None
 
 
 def _open_hub(spec: DatasetSpec):
@@ -86,20 +92,36 @@ def _open_hub(spec: DatasetSpec):
         return datasets.load_dataset(spec.id, name=spec.config, split=spec.split,
                                      revision=spec.revision, streaming=True)
     except Exception as err:  # the Hub client raises many types; all mean "cannot read it"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SaecacheError(f"could not open dataset {spec.id!r} on the Hugging Face Hub: {reason} "
+        raise SaecacheError(f"could not open dataset {spec.id!r} on the Hugging Face Hub: {_first_line(err)} "
                             "(check the id and the network, or pass a local file)") from None
 
 
 def iter_texts(spec: DatasetSpec) -> Iterator[str]:
     """The documents' texts in dataset order (streamed: nothing is downloaded in full)."""
     stream = _open_local(spec) if spec.is_local else _open_hub(spec)
-    for index, row in enumerate(stream):
-        if spec.text_field not in row:
-            raise SaecacheError(f"dataset {spec.id} has no column {spec.text_field!r} "
-                                f"(it has {', '.join(row)}): pass --text-field")
-        text = row[spec.text_field]
-        if not isinstance(text, str):
-            raise SaecacheError(f"column {spec.text_field!r} of dataset {spec.id} holds "
-                                f"{type(text).__name__}, not text (row {index})")
-        yield text
+    rows = iter(stream)
+    for index in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:  # datasets' readers fail in many ways on bad or empty files
+            raise SaecacheError(f"could not read dataset {spec.id} at row {index}: "
+                                f"{_first_line(err)}") from None
+        yield _text_of(row, spec, index)
+
+
+def _text_of(row: dict, spec: DatasetSpec, index: int) -> str:
+    if spec.text_field not in row:
+        raise SaecacheError(f"dataset {spec.id} has no column {spec.text_field!r} "
+                            f"(it has {', '.join(row)}): pass --text-field")
+    text = row[spec.text_field]
+    if not isinstance(text, str):
+        raise SaecacheError(f"column {spec.text_field!r} of dataset {spec.id} holds "
+                            f"{type(text).__name__}, not text (row {index})")
+    return text
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

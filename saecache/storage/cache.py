@@ -54,7 +54,8 @@ class Cache:
         self.group = group
         meta = dict(group.attrs).get(ATTR)
         if not isinstance(meta, dict):
-            raise SaecacheError(f"{location} is a zarr group but not a saecache cache")
+            raise SaecacheError(f"{location} is a zarr group but not a saecache cache: "
+                                "choose a new or empty path")
         if meta.get("format_version") != FORMAT_VERSION:
             raise SaecacheError(
                 f"cache at {location} has format version {meta.get('format_version')}, this "
@@ -69,11 +70,14 @@ class Cache:
     def open(cls, location: str, *, writable: bool = False,
              storage_options: dict | None = None) -> Cache:
         """Open an existing cache; one-line error if there is none at ``location``."""
+        if not location_exists(location, storage_options):
+            raise SaecacheError(f"no saecache cache at {location}: run saecache harvest first")
         try:
             store = open_store(location, read_only=not writable, storage_options=storage_options)
             group = zarr.open_group(store, mode="r+" if writable else "r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            raise SaecacheError(f"no saecache cache at {location}: run saecache harvest first") from None
+            raise SaecacheError(f"{location} is not a saecache cache (it holds no zarr group): "
+                                "choose a new or empty path") from None
         return cls(location, group)
 
     @classmethod

@@ -85,4 +85,16 @@ def verify(cache: Cache, threads: int = 4) -> VerifyReport:
                     problems.append(Problem(name, coords, reason))
             if name.startswith("resid/"):
                 nonfinite[int(name.split("/")[1])] = bad_values
+    problems += _recorded_counts_differ(cache, nonfinite)
     return VerifyReport(chunks, nbytes, problems, nonfinite)
+
+
+def _recorded_counts_differ(cache: Cache, found: dict[int, int]) -> list[Problem]:
+    """A finished cache records its non-finite counts; what is on disk must agree."""
+    if not cache.complete:
+        return []
+    return [
+        Problem(names.resid_name(layer), (), f"{n} non-finite values on disk, "
+                f"{cache.layer_stats(layer).nonfinite} recorded at harvest")
+        for layer, n in found.items() if n != cache.layer_stats(layer).nonfinite
+    ]
