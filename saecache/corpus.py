@@ -40,7 +40,7 @@ class DatasetSpec:
 
     def canonical_id(self) -> str:
         """What provenance records: an absolute path for local data, the Hub id otherwise."""
-        return str(Path(self.id).resolve()) if self.is_local else self.id
+        return str(Path(self.id).expanduser().resolve()) if self.is_local else self.id
 
 
 def _looks_like_path(name: str) -> bool:
@@ -80,9 +80,12 @@ def _open_local(spec: DatasetSpec):
         raise SaecacheError(f"dataset {spec.id} is empty: give a file or folder with text in it")
     extra = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
-        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+        stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
     except Exception as err:  # e.g. an empty or malformed file
         raise SaecacheError(f"could not read dataset {spec.id}: {_first_line(err)}") from None
+    if builder == "text":  # a paragraph keeps the newlines around it; they are not its text
+        stream = stream.map(lambda row: {"text": row["text"].strip("\n")})
+    return stream
 
 
 def _open_hub(spec: DatasetSpec):

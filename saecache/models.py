@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 def _load(what: str, loader, name: str, revision: str | None, **kwargs):
     """Call a ``from_pretrained``; turn "not found / offline" into one line."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise SaecacheError(f"model folder {name!r} does not exist: give a Hub id or a saved model")
     try:
         return loader(name, revision=revision, **kwargs)
     except (OSError, ValueError) as err:

@@ -41,8 +41,6 @@ def pack(docs: Iterable[list[int]], ctx: int, eos_id: int, max_seqs: int) -> Ite
     pieces: deque[tuple[np.ndarray, int, int]] = deque()  # (ids, doc, offset) not yet emitted
     buffered = emitted = 0
     for doc, ids in enumerate(docs):
-        if emitted >= max_seqs:
-            return
         piece = np.asarray([*ids, eos_id], dtype=np.int32)  # (len + 1,)
         pieces.append((piece, doc, 0))
         buffered += len(piece)
@@ -50,6 +48,8 @@ def pack(docs: Iterable[list[int]], ctx: int, eos_id: int, max_seqs: int) -> Ite
             yield _take(pieces, ctx)
             buffered -= ctx
             emitted += 1
+        if emitted >= max_seqs:  # stop before reading (and tokenising) another document
+            return
 
 
 def _take(pieces: deque[tuple[np.ndarray, int, int]], ctx: int) -> Sequence:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config,
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 
@@ -17,7 +18,7 @@ from saecache.harvest import blocks_path_of, harvest
 from saecache.models import find_blocks, load_config, load_model
 from tests.conftest import harvest_config
 
-# name → (blocks path, config of a tiny random model or None for the conftest GPT-NeoX)
+# name → (blocks path, builder of a tiny random model; None: the conftest GPT-NeoX)
 ARCHS = {
     "gpt_neox": ("gpt_neox.layers", None),
     "gpt2": ("transformer.h", lambda: GPT2LMHeadModel(GPT2Config(
@@ -71,6 +72,29 @@ def test_find_blocks_with_the_wrong_layer_count_is_refused(model_dirs):
     model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
     with pytest.raises(SaecacheError, match="no list of 5 blocks"):
         find_blocks(model, 5)
+
+
+def test_find_blocks_takes_the_shallowest_list_of_that_length():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))  # also 3 long, deeper
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(8, 4)
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = Decoder()
+            self.extra = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    model = Wrapper()
+    path, blocks = find_blocks(model, 3)
+    assert path == "decoder.blocks" and blocks is model.decoder.blocks
 
 
 # ---- harvest stores what a forward hook returns -------------------------------------------------
