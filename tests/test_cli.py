@@ -107,7 +107,7 @@ def test_an_empty_dataset_is_refused(tmp_path, tiny_model, content, needle):
 
 def test_a_missing_model_is_one_line(tmp_path):
     result = run(*harvest_args(tmp_path / "c.zarr", tmp_path / "no-model"))
-    assert_one_line_error(result, "could not load", "no-model")
+    assert_one_line_error(result, "model folder", "no-model", "does not exist")
 
 
 def test_info_reports_provenance_progress_and_stats(cache_path):
