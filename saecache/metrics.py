@@ -1,0 +1,196 @@
+"""Reconstruction and sparsity metrics, and which features fire.
+
+Every function takes rows of activations: x and x̂ (N, d), acts (N, F); leading dimensions other
+than the last are flattened into rows. Sums are taken in float64 so that batches of millions
+of values in float16/bfloat16/float32 do not lose precision.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t as float64 rows (N, last dim)."""
+    return t.reshape(-1, t.shape[-1]).to(torch.float64)
+
+
+def _sq_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Σ_n ||x_n − x̂_n||² (float64 scalar tensor)."""
+    return (_rows(x) - _rows(x_hat)).pow(2).sum()
+
+
+def _total_variance(x: Tensor) -> Tensor:
+    """Σ_n ||x_n − mean_n(x)||² (float64 scalar tensor)."""
+    rows = _rows(x)
+    return (rows - rows.mean(dim=0)).pow(2).sum()
+
+
+def mse(x: Tensor, x_hat: Tensor) -> float:
+    """Mean squared error: mean over N rows and d dims of (x − x̂)², Σ||x − x̂||² / (N·d)."""
+    return (_sq_error(x, x_hat) / x.numel()).item()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Fraction of variance unexplained: Σ_n ||x_n − x̂_n||² / Σ_n ||x_n − x̄||², x̄ = mean_n(x).
+
+    0 for a perfect reconstruction, 1 for x̂ = x̄; NaN when x has no variance (all rows equal).
+    """
+    den = _total_variance(x)
+    return (_sq_error(x, x_hat) / den).item() if den > 0 else float("nan")
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> float:
+    """Fraction of variance explained: 1 − fvu(x, x̂)."""
+    return 1.0 - fvu(x, x_hat)
+
+
+def l0(acts: Tensor) -> float:
+    """Mean over rows of the number of nonzero activations: count_nonzero(acts) / N."""
+    rows = acts.reshape(-1, acts.shape[-1]).shape[0]
+    return torch.count_nonzero(acts).item() / rows
+
+
+class FiringStats:
+    """Which of F features fired, counted on the device without host syncs in :meth:`update`.
+
+    Two counters per feature:
+
+    * the clock, ``tokens_since_fired``: the tokens in the batches after the last batch in which
+      the feature fired (all tokens seen if it never fired). It advances in whole batches, so
+      it is a lower bound on the tokens since the feature actually last fired, by less than
+      one batch. :meth:`reset_counts` leaves it alone.
+    * ``fire_counts``: tokens on which the feature fired since construction or the last
+      :meth:`reset_counts` (``tokens_counted`` tokens).
+    """
+
+    def __init__(self, n_features: int, device=None):
+        if n_features < 1:
+            raise ValueError(f"n_features must be at least 1, got {n_features}")
+        self.n_features = n_features
+        self.tokens_since_fired = torch.zeros(n_features, dtype=torch.int64, device=device)
+        self.fire_counts = torch.zeros(n_features, dtype=torch.int64, device=device)
+        self.tokens_seen = 0
+        """Tokens seen since construction (the clock's horizon)."""
+        self.tokens_counted = 0
+        """Tokens seen since the last :meth:`reset_counts` (the denominator of frequencies)."""
+
+    def update(self, acts: Tensor) -> None:
+        """Count one batch of activations acts (N, F); a feature fires where its act is nonzero."""
+        if acts.shape[-1] != self.n_features:
+            raise ValueError(f"acts have {acts.shape[-1]} features, expected {self.n_features}")
+        n = acts.reshape(-1, self.n_features).shape[0]
+        counts = (acts != 0).reshape(-1, self.n_features).sum(dim=0)  # (F,) int64
+        self.fire_counts += counts
+        self.tokens_since_fired += n
+        self.tokens_since_fired.masked_fill_(counts > 0, 0)
+        self.tokens_seen += n
+        self.tokens_counted += n
+
+    def dead_mask(self, window_tokens: int) -> Tensor:
+        """(F,) bool: features whose clock reached `window_tokens` (no firing in that window).
+
+        A feature that never fired is dead once at least `window_tokens` tokens have been seen;
+        before that no feature is dead, as none can yet have gone a whole window without firing.
+        """
+        if window_tokens < 1:
+            raise ValueError(f"window_tokens must be at least 1, got {window_tokens}")
+        return self.tokens_since_fired >= window_tokens
+
+    def dead_fraction(self, window_tokens: int) -> float:
+        """Fraction of features in :meth:`dead_mask` (0.0 until `window_tokens` tokens are seen)."""
+        return self.dead_mask(window_tokens).double().mean().item()
+
+    def frequencies(self) -> Tensor:
+        """(F,) float64: fire_counts / tokens_counted, the fraction of tokens each fired on."""
+        return self.fire_counts.double() / max(self.tokens_counted, 1)
+
+    def dense_fraction(self, threshold: float = 0.1) -> float:
+        """Fraction of features firing on more than `threshold` of tokens counted (0.0 if none)."""
+        return (self.frequencies() > threshold).double().mean().item()
+
+    def reset_counts(self) -> None:
+        """Zero the fire counts and `tokens_counted`; the since-last-fired clock keeps running."""
+        self.fire_counts.zero_()
+        self.tokens_counted = 0
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: CPU tensors and ints (weights_only-loadable)."""
+        return {"n_features": self.n_features, "tokens_seen": self.tokens_seen,
+                "tokens_counted": self.tokens_counted,
+                "tokens_since_fired": self.tokens_since_fired.cpu().clone(),
+                "fire_counts": self.fire_counts.cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`, keeping this object's device."""
+        if state["n_features"] != self.n_features:
+            raise ValueError(f"firing stats are for {state['n_features']} features, "
+                             f"expected {self.n_features}")
+        device = self.fire_counts.device
+        self.tokens_since_fired = state["tokens_since_fired"].to(device, torch.int64).clone()
+        self.fire_counts = state["fire_counts"].to(device, torch.int64).clone()
+        self.tokens_seen = int(state["tokens_seen"])
+        self.tokens_counted = int(state["tokens_counted"])
+
+
+class MetricsSummary(NamedTuple):
+    """Metrics over every row given to a :class:`RunningMetrics` since its last reset."""
+
+    tokens: int
+    """Rows (tokens) accumulated."""
+    mse: float
+    """Mean over rows and dims of (x − x̂)²."""
+    fvu: float
+    """Σ||x − x̂||² / Σ||x − x̄||², x̄ the mean of all the rows (not of each batch)."""
+    explained_variance: float
+    """1 − fvu."""
+    l0: float
+    """Mean nonzero activations per row (NaN if no acts were given)."""
+
+
+class RunningMetrics:
+    """mse, fvu and l0 pooled over several batches, as if computed on all their rows at once.
+
+    Accumulates float64 sums on the device (no host sync until :meth:`summary`). The total
+    variance comes from Σ||x||² − N·||x̄||², so fvu is over the pooled rows, not a mean of
+    per-batch fvus.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = 0
+        self._acts_rows = 0
+        self._sq_err = self._sum_x = self._sum_sq_x = self._nonzero = None
+
+    def update(self, x: Tensor, x_hat: Tensor, acts: Tensor | None = None) -> None:
+        """Add a batch: x, x̂ (N, d) and optionally acts (N, F)."""
+        rows = _rows(x)  # (N, d) float64
+        sq_err, sum_x = _sq_error(x, x_hat), rows.sum(dim=0)  # scalar, (d,)
+        sum_sq_x = rows.pow(2).sum()
+        if self._sq_err is None:
+            self._sq_err, self._sum_x, self._sum_sq_x = sq_err, sum_x, sum_sq_x
+        else:
+            self._sq_err, self._sum_x = self._sq_err + sq_err, self._sum_x + sum_x
+            self._sum_sq_x = self._sum_sq_x + sum_sq_x
+        self.tokens += rows.shape[0]
+        if acts is not None:
+            nonzero = torch.count_nonzero(acts)
+            self._nonzero = nonzero if self._nonzero is None else self._nonzero + nonzero
+            self._acts_rows += acts.reshape(-1, acts.shape[-1]).shape[0]
+
+    def summary(self) -> MetricsSummary:
+        """The pooled metrics (NaNs before any update)."""
+        nan = float("nan")
+        if self.tokens == 0:
+            return MetricsSummary(0, nan, nan, nan, nan)
+        n, d = self.tokens, self._sum_x.shape[0]
+        den = (self._sum_sq_x - self._sum_x.pow(2).sum() / n).item()  # Σ||x − x̄||²
+        sq_err = self._sq_err.item()
+        fvu_ = sq_err / den if den > 0 else nan
+        l0_ = self._nonzero.item() / self._acts_rows if self._acts_rows else nan
+        return MetricsSummary(n, sq_err / (n * d), fvu_, 1.0 - fvu_, l0_)

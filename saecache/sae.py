@@ -1,0 +1,226 @@
+"""Sparse autoencoders: the ReLU (L1-penalised) and TopK architectures, and their snapshots.
+
+    f = act((x − b_dec·apply_b_dec_to_input) @ W_enc + b_enc)      # (N, F)
+    x̂ = f @ W_dec + b_dec                                         # (N, d)
+
+The trainer feeds scaled activations x' = scale·x (so that their size does not depend on the
+layer); :meth:`SAE.snapshot` folds the scale back into the weights, so a snapshot runs on raw
+activations with the plain forward pass above (DESIGN.md, "Stage two").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+ARCHS = ("relu", "topk")
+"""Architectures an SAE can have: "relu" (trained with an L1 penalty) or "topk"."""
+
+RELU_INIT_NORM = 0.1
+"""Decoder row norm at initialisation for ReLU SAEs (Anthropic, April 2024 update)."""
+
+SNAPSHOT_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+"""Tensor keys of a snapshot dict; its configuration is under "cfg"."""
+
+_SNAPSHOT_CFG_KEYS = ("arch", "k", "apply_b_dec_to_input", "d", "F")
+_JSON_SCALARS = (bool, int, float, str, type(None))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """The shape and architecture of one sparse autoencoder."""
+
+    d: int
+    """Input width: the residual stream's dimension."""
+    n_features: int
+    """F, the number of dictionary features (d × expansion factor)."""
+    arch: str = "relu"
+    """"relu" (ReLU activation, L1 penalty on the activations) or "topk" (k largest kept)."""
+    k: int | None = None
+    """Active features per token for "topk" (1 ≤ k ≤ n_features); must be None for "relu"."""
+    apply_b_dec_to_input: bool = False
+    """Subtract b_dec from x before encoding."""
+
+    def __post_init__(self):
+        if not _is_int(self.d) or self.d < 1:
+            raise ValueError(f"d must be a positive integer, got {self.d!r}")
+        if not _is_int(self.n_features) or self.n_features < 1:
+            raise ValueError(f"n_features must be a positive integer, got {self.n_features!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.arch == "topk":
+            if not _is_int(self.k) or not 1 <= self.k <= self.n_features:
+                raise ValueError(f"arch 'topk' needs k with 1 <= k <= n_features "
+                                 f"({self.n_features}), got k={self.k!r}")
+        elif self.k is not None:
+            raise ValueError(f"k is only for arch 'topk'; arch {self.arch!r} got k={self.k!r}")
+        if not isinstance(self.apply_b_dec_to_input, bool):
+            raise ValueError(f"apply_b_dec_to_input must be a bool, "
+                             f"got {self.apply_b_dec_to_input!r}")
+
+
+class ForwardOutput(NamedTuple):
+    """What :meth:`SAE.forward` returns for a batch x of N rows."""
+
+    x_hat: Tensor
+    """(N, d) reconstruction of x."""
+    acts: Tensor
+    """(N, F) feature activations: after the ReLU, or the TopK's ReLU'd survivors (0 elsewhere)."""
+    pre_acts: Tensor
+    """(N, F) encoder outputs before the activation (the AuxK loss selects among these)."""
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder with parameters W_enc (d, F), b_enc (F), W_dec (F, d), b_dec (d)."""
+
+    def __init__(self, cfg: SAEConfig, device=None, dtype=torch.float32):
+        """All parameters zero: :meth:`initialized` to train, :meth:`from_snapshot` to load."""
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d, cfg.n_features
+        zeros = dict(device=device, dtype=dtype)
+        self.W_enc = nn.Parameter(torch.zeros(d, n, **zeros))  # (d, F)
+        self.b_enc = nn.Parameter(torch.zeros(n, **zeros))  # (F,)
+        self.W_dec = nn.Parameter(torch.zeros(n, d, **zeros))  # (F, d)
+        self.b_dec = nn.Parameter(torch.zeros(d, **zeros))  # (d,)
+
+    @classmethod
+    def initialized(cls, cfg: SAEConfig, seed: int, device=None, dtype=torch.float32) -> SAE:
+        """A fresh SAE, identical for the same seed on any device.
+
+        W_dec rows are Gaussian directions scaled to norm 0.1 (relu) or 1 (topk); W_enc is a
+        copy of W_dec.T; both biases are zero. The draw uses its own CPU generator, so the
+        global RNG is untouched and the result does not depend on the device.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        rows = torch.randn(cfg.n_features, cfg.d, generator=gen, dtype=torch.float64)  # (F, d)
+        norm = RELU_INIT_NORM if cfg.arch == "relu" else 1.0
+        rows = rows * (norm / rows.norm(dim=1, keepdim=True))
+        sae = cls(cfg, device=device, dtype=dtype)
+        with torch.no_grad():
+            sae.W_dec.copy_(rows)
+            sae.W_enc.copy_(rows.T)
+        return sae
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(acts, pre_acts), both (N, F), for x (N, d)."""
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pre_acts = x @ self.W_enc + self.b_enc  # (N, F)
+        if self.cfg.arch == "relu":
+            return torch.relu(pre_acts), pre_acts
+        return topk_relu(pre_acts, self.cfg.k), pre_acts
+
+    def decode(self, acts: Tensor) -> Tensor:
+        """x̂ (N, d) from acts (N, F)."""
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        acts, pre_acts = self.encode(x)
+        return ForwardOutput(self.decode(acts), acts, pre_acts)
+
+    def decoder_norms(self) -> Tensor:
+        """(F,) L2 norm of each decoder row (the weight of each feature in the L1 penalty)."""
+        return self.W_dec.norm(dim=1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Scale every W_dec row to unit norm (TopK SAEs keep this after every step)."""
+        norms = self.W_dec.norm(dim=1, keepdim=True)  # (F, 1)
+        self.W_dec.div_(norms.clamp_min(torch.finfo(norms.dtype).tiny))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Remove from W_dec.grad each row's component along that W_dec row.
+
+        With unit-norm decoder rows the parallel component would only change the norms, which
+        :meth:`normalize_decoder_` undoes; removing it keeps Adam's moments about directions
+        (sparsify's trick). Exact for any row norm: g_i -= (g_i·w_i / ||w_i||²) w_i.
+        """
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        w = self.W_dec
+        sq_norms = (w * w).sum(dim=1, keepdim=True)  # (F, 1)
+        along = (grad * w).sum(dim=1, keepdim=True) / sq_norms.clamp_min(torch.finfo(w.dtype).tiny)
+        grad.sub_(along * w)
+
+    def snapshot(self, scale: float, **extra) -> dict:
+        """The DESIGN.md snapshot dict of this SAE for raw activations x, trained on x' = scale·x.
+
+        Folding: f = act((x·s − b_dec·a) @ W_enc + b_enc) = act((x − (b_dec/s)·a) @ (s·W_enc)
+        + b_enc), so W_enc_raw = s·W_enc, b_dec_raw = b_dec/s, b_enc is unchanged and the
+        activations are identical; x̂_raw = x̂'/s = f @ (W_dec/s) + b_dec/s.
+
+        Returns {"W_enc", "b_enc", "W_dec", "b_dec": CPU float32 contiguous tensors, "cfg": a
+        plain dict with arch, k, apply_b_dec_to_input, d, F and every `extra` (JSON scalars or
+        strings: layer, l1, tokens_seen, ...)}. Loads with torch.load(weights_only=True).
+        """
+        s = _check_scale(scale)
+        cfg = {"arch": self.cfg.arch, "k": self.cfg.k,
+               "apply_b_dec_to_input": self.cfg.apply_b_dec_to_input,
+               "d": self.cfg.d, "F": self.cfg.n_features}
+        cfg.update(_check_extra(extra))
+        p = {key: getattr(self, key).detach().double() for key in SNAPSHOT_TENSORS}  # fold in f64
+        folded = {"W_enc": p["W_enc"] * s, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / s,
+                  "b_dec": p["b_dec"] / s}
+        # .clone(): never alias a parameter, whatever its dtype and device
+        state = {key: t.to("cpu", torch.float32).contiguous().clone() for key, t in folded.items()}
+        state["cfg"] = cfg
+        return state
+
+    @classmethod
+    def from_snapshot(cls, state: dict, device=None, dtype=torch.float32) -> SAE:
+        """An SAE for raw activations from a :meth:`snapshot` dict (extra cfg keys are ignored)."""
+        cfg = state.get("cfg")
+        if not isinstance(cfg, dict):
+            raise ValueError("snapshot has no 'cfg' dict")
+        missing = [key for key in _SNAPSHOT_CFG_KEYS if key not in cfg]
+        missing += [key for key in SNAPSHOT_TENSORS if key not in state]
+        if missing:
+            raise ValueError(f"snapshot lacks {', '.join(missing)}")
+        sae = cls(SAEConfig(d=cfg["d"], n_features=cfg["F"], arch=cfg["arch"], k=cfg["k"],
+                            apply_b_dec_to_input=cfg["apply_b_dec_to_input"]),
+                  device=device, dtype=dtype)
+        with torch.no_grad():
+            for key in SNAPSHOT_TENSORS:
+                param = getattr(sae, key)
+                if tuple(state[key].shape) != tuple(param.shape):
+                    raise ValueError(f"snapshot {key} has shape {tuple(state[key].shape)}, "
+                                     f"expected {tuple(param.shape)} for d={cfg['d']}, "
+                                     f"F={cfg['F']}")
+                param.copy_(state[key])
+        return sae
+
+
+def topk_relu(pre_acts: Tensor, k: int) -> Tensor:
+    """(N, F): the k largest pre_acts of each row, ReLU'd, and zeros elsewhere."""
+    values, indices = torch.topk(pre_acts, k, dim=-1, sorted=False)  # (N, k) each
+    return torch.zeros_like(pre_acts).scatter(-1, indices, torch.relu(values))
+
+
+def _check_scale(scale: float) -> float:
+    s = float(scale)
+    if not math.isfinite(s) or s <= 0:
+        raise ValueError(f"snapshot scale must be a positive finite number, got {scale!r}")
+    return s
+
+
+def _check_extra(extra: dict) -> dict:
+    """The snapshot's extra cfg entries, refused if they clash or are not JSON scalars."""
+    for key, value in extra.items():
+        if key in _SNAPSHOT_CFG_KEYS:
+            raise ValueError(f"snapshot extra {key!r} would override the SAE's own config")
+        if not isinstance(value, _JSON_SCALARS) or (isinstance(value, float)
+                                                    and not math.isfinite(value)):
+            raise ValueError(f"snapshot extra {key}={value!r} is not a finite JSON scalar "
+                             f"(int, float, str, bool or None)")
+    return dict(extra)
