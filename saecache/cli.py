@@ -174,6 +174,73 @@ def verify(cache, threads, storage_option):
     click.echo("ok")
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(parse_count(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--snapshots") from None
+
+
+@cli.command()
+@click.argument("cache")
+@click.option("--layer", "layers", type=click.IntRange(min=0), multiple=True, required=True,
+              help="Layer to train (repeatable: layers train one after another in this process).")
+@click.option("--out", default="runs", show_default=True, help="RUNS folder; one sub-folder per run.")
+@click.option("--arch", type=click.Choice(["relu", "topk"]), default="relu", show_default=True,
+              help="relu: L1 penalty weighted by decoder norms; topk: TopK with AuxK.")
+@click.option("--expansion", type=click.IntRange(min=1), default=32, show_default=True, help="F = expansion × d.")
+@click.option("--l1", multiple=True, default=("3e-4",), show_default=True,
+              help="relu: one run per value: 3e-4 (fixed) or adaptive:150[:start] (target L0).")
+@click.option("--k", multiple=True, type=click.IntRange(min=1), help="topk: one run per k.")
+@click.option("--tokens", type=Count(), default="300M", show_default=True, help="Training tokens per run.")
+@click.option("--snapshots", default=None, help="Token counts at which to save a snapshot; final is "
+              "always saved. [default: those of 50M,100M,150M,200M,250M below --tokens]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per step.")
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="Adam learning rate.")
+@click.option("--lr-warmup", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="Fraction of steps of learning-rate warm-up.")
+@click.option("--lr-decay", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Fraction of steps, at the end, of linear decay to 0.")
+@click.option("--l1-warmup", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Fraction of steps over which the L1 coefficient ramps up.")
+@click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Gradient-norm clipping threshold.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the initialisation and batch order.")
+@click.option("--device", default=None, help="torch device. [default: cuda if available, else cpu]")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="tf32", show_default=True,
+              help="fp32, tf32 matmuls, or bf16 autocast.")
+@click.option("--dead-window", type=Count(), default="10M", show_default=True,
+              help="Tokens without firing after which a feature counts as dead.")
+@click.option("--log-every", type=click.IntRange(min=1), default=100, show_default=True, help="Steps per metrics line.")
+@click.option("--checkpoint-every", type=Count(), default="10M", show_default=True, help="Tokens between checkpoints.")
+@click.option("--mix-chunks", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Chunks whose rows are shuffled together.")
+@click.option("--reader-threads", type=click.IntRange(min=1), default=8, show_default=True, help="Chunk-reading threads.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@storage_option
+def train(cache, layers, snapshots, device, storage_option, **options):
+    """Train SAEs on --layer of CACHE; all runs of a layer share one read pass of the cache.
+
+    Re-running the same command resumes from the last checkpoint; an existing run with other
+    settings is refused.
+    """
+    from saecache.harvest import default_device
+    from saecache.train import SNAPSHOTS, TrainConfig, train as run_train
+
+    if snapshots is None:
+        snapshots = tuple(s for s in SNAPSHOTS if s < options["tokens"])
+    else:
+        snapshots = _counts(snapshots)
+    try:
+        cfg = TrainConfig(cache=cache, layers=tuple(dict.fromkeys(layers)), snapshots=snapshots,
+                          device=_check_device(device or default_device()),
+                          storage_options=_storage_options(storage_option), **options)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    for run in run_train(cfg):
+        click.echo(f"{run.paths.dir}: {run.summary()}")
+
+
 @cli.command()
 @click.option("--out", default="saecache-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the tiny model and the demo cache.")

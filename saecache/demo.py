@@ -8,22 +8,43 @@ from saecache.corpus import DatasetSpec
 from saecache.harvest import HarvestConfig, harvest
 from saecache.storage.info import describe, format_info
 from saecache.tiny import DEMO_TEXT, build_tiny_model
+from saecache.train import TrainConfig, train
 
 DEMO_CTX = 64
-DEMO_TOKENS = 8192  # 128 sequences: the bundled text holds a little more
-DEMO_CHUNK_ROWS = 1024  # 16 sequences per block, so the demo cache has several blocks
+DEMO_TOKENS = 65536  # the bundled text (~7.6K tokens) read 9 times over
+DEMO_CHUNK_ROWS = 2048  # 32 sequences per block: 32 blocks, the last one held out
+DEMO_LAYER = 1
+
+
+def demo_text(out: Path) -> Path:
+    """The bundled text, repeated so that the demo cache holds enough tokens to train on."""
+    path = out / "demo-text.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join([DEMO_TEXT.read_text().strip()] * 9))
+    return path
 
 
 def demo_harvest_config(out: Path, device: str) -> HarvestConfig:
-    """Harvest of the bundled text through the tiny model into ``out/cache.zarr``."""
+    """Harvest of the demo text through the tiny model into ``out/cache.zarr``."""
     model = build_tiny_model(out / "model")
     return HarvestConfig(cache=str(out / "cache.zarr"), model=str(model),
-                         dataset=DatasetSpec(str(DEMO_TEXT)), tokens=DEMO_TOKENS, ctx=DEMO_CTX,
-                         batch_size=16, chunk_rows=DEMO_CHUNK_ROWS, device=device)
+                         dataset=DatasetSpec(str(demo_text(out))), tokens=DEMO_TOKENS, ctx=DEMO_CTX,
+                         batch_size=32, chunk_rows=DEMO_CHUNK_ROWS, device=device)
+
+
+def demo_train_config(out: Path, device: str) -> TrainConfig:
+    """Two sister runs on layer 1: L1 3e-4 fixed, and adaptive toward L0 = 32."""
+    return TrainConfig(cache=str(out / "cache.zarr"), out=str(out / "runs"), layers=(DEMO_LAYER,),
+                       expansion=4, l1=("3e-4", "adaptive:32"), tokens=49152,
+                       snapshots=(16000, 32000), batch_size=128, lr=1e-3, dead_window=16384,
+                       log_every=64, mix_chunks=4, reader_threads=2, device=device)
 
 
 def run_demo(out: str | Path, device: str) -> str:
     """Run the demo pipeline into ``out``; returns the report to print."""
     out = Path(out)
-    result = harvest(demo_harvest_config(out, device))
-    return format_info(describe(result.cache))
+    cache = harvest(demo_harvest_config(out, device)).cache
+    report = [format_info(describe(cache)), ""]
+    for run in train(demo_train_config(out, device)):
+        report.append(f"{run.paths.dir.name}: {run.summary()}")
+    return "\n".join(report)

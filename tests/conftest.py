@@ -49,3 +49,15 @@ def tree_digest(path: Path) -> str:
         digest.update(str(file.relative_to(path)).encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory, tiny_model) -> Path:
+    """A 64K-token cache (the bundled text, repeated) for training: ctx 64, 32 blocks."""
+    folder = tmp_path_factory.mktemp("train-cache")
+    text = folder / "text.txt"
+    text.write_text("\n\n".join([DEMO_TEXT.read_text().strip()] * 9))
+    path = folder / "cache.zarr"
+    harvest(harvest_config(path, tiny_model, dataset=DatasetSpec(str(text)), tokens=65536, ctx=64,
+                           chunk_rows=2048, batch_size=32, dtype="float32"))
+    return path

@@ -169,5 +169,7 @@ def test_nonfinite_residuals_stop_the_harvest_naming_layer_and_sequence(tmp_path
 def test_demo_runs_offline(tmp_path):
     result = run("demo", "--out", tmp_path / "demo", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "8/8 blocks" in result.output and "complete" in result.output
+    assert "32/32 blocks" in result.output and "complete" in result.output
+    assert "layer01-relu-x4-l1-0.0003: sae_layer01_final.pt: held-out FVU" in result.output
+    assert (tmp_path / "demo" / "runs" / "layer01-relu-x4-adaptive-l0-32" / "sae_layer01_16K.pt").exists()
     assert "\r" not in result.output  # no progress bar when not a terminal
