@@ -71,12 +71,13 @@ class Run:
                   "scale": identity.scale}
         if paths.config.exists():
             saved = read_json(paths.config)
+            saved.pop("cache_location", None)  # where the cache was then; it may have moved
             diff = _first_difference(saved, record)
             if diff:
                 raise SaecacheError(f"run {paths.dir} exists with other settings ({diff}): use the "
                                     "same settings to resume, or another --out")
         else:
-            write_json(paths.config, record)
+            write_json(paths.config, {**record, "cache_location": cfg.cache})
         return cls(paths, spec, identity, cfg, d)
 
     @staticmethod
