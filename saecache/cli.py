@@ -241,6 +241,33 @@ def train(cache, layers, snapshots, device, storage_option, **options):
         click.echo(f"{run.paths.dir}: {run.summary()}")
 
 
+@cli.command(name="eval")
+@click.argument("runs")
+@click.option("--model", default=None, help="Model to splice into. [default: the cache's model]")
+@click.option("--cache", default=None, help="Cache with the held-out tokens. [default: from run.json]")
+@click.option("--snapshot", default="final", show_default=True, help="final, all, or a name such as 50M.")
+@click.option("--max-seqs", type=click.IntRange(min=1), default=None,
+              help="Held-out sequences to use. [default: all]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences per forward.")
+@click.option("--device", default=None, help="torch device. [default: cuda if available, else cpu]")
+@storage_option
+def eval_(runs, device, storage_option, **options):
+    """CE loss recovered, KL, L0, MSE, FVU, dead/dense fractions of each run in RUNS,
+    spliced into the model on the cache's held-out sequences; written to eval.json."""
+    from saecache.evaluate import EvalConfig, evaluate
+    from saecache.harvest import default_device
+
+    cfg = EvalConfig(runs=runs, device=_check_device(device or default_device()),
+                     storage_options=_storage_options(storage_option), **options)
+    for run, data in evaluate(cfg).items():
+        for name, r in data["snapshots"].items():
+            click.echo(f"{run.name} {name}: CE loss recovered {r['ce_loss_recovered']:.3f} "
+                       f"(clean {r['ce_clean']:.3f}, SAE {r['ce_spliced']:.3f}, zero {r['ce_zero']:.3f}), "
+                       f"KL {r['kl']:.4f}, L0 {r['l0']:.1f}, FVU {r['fvu']:.4f}, "
+                       f"dead {100 * r['dead_fraction']:.1f}%, dense {100 * r['dense_fraction']:.1f}%")
+
+
 @cli.command()
 @click.option("--out", default="saecache-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the tiny model and the demo cache.")
