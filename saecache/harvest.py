@@ -22,6 +22,7 @@ import torch
 from saecache import __version__
 from saecache.capture import HostBuffer, ResidualCapture
 from saecache.corpus import DEFAULT_DATASET, DatasetSpec, iter_texts
+from saecache.distributed import ranks
 from saecache.errors import SaecacheError
 from saecache.models import (find_blocks, load_config, load_model, load_tokenizer, max_ctx_of,
                              n_layers_of, vocab_hash)
@@ -105,17 +106,26 @@ class HarvestResult:
 
 
 def harvest(cfg: HarvestConfig) -> HarvestResult:
-    """Create or resume the cache at ``cfg.cache``; returns when every block is committed."""
+    """Create or resume the cache at ``cfg.cache``; returns when every block is committed.
+
+    Under torchrun, rank 0 checks, creates and tokenises while the others wait; then every
+    rank forwards its round-robin share of the pending units; rank 0 finishes the cache.
+    """
+    group = ranks()
     config = load_config(cfg.model, cfg.revision)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     provenance, layout = _describe(cfg, config, tokenizer)
-    cache = _open_or_create(cfg, provenance, layout, tokenizer)
-    pending = np.flatnonzero(~cache.committed())
+    group.on_main(lambda: _open_or_create(cfg, provenance, layout, tokenizer))
+    cache = Cache.open(cfg.cache, writable=True, storage_options=cfg.storage_options)
+    pending = [int(b) for b in np.flatnonzero(~cache.committed())]
+    units = group.mine(units_of(cache.layout, pending, cfg.batch_size))
     result = HarvestResult(cache, 0, 0, 0.0)
-    if len(pending):
-        model = load_model(cfg.model, cfg.revision, cfg.dtype, cfg.device)
-        result = _run_blocks(cfg, cache, model, [int(b) for b in pending])
-    if not cache.complete:
+    if units:
+        model = load_model(cfg.model, cfg.revision, cfg.dtype, group.device(cfg.device))
+        label = "harvest" if group.world == 1 else f"harvest (rank {group.rank})"
+        result = _run_blocks(cfg, cache, model, units, set(pending), label)
+    group.barrier()
+    if group.is_main and not cache.complete and cache.committed().all():
         cache.finalize()
     return result
 
@@ -219,21 +229,22 @@ def units_of(layout: CacheLayout, pending: list[int], batch_size: int) -> list[l
     return [list(range(u * per_unit, min((u + 1) * per_unit, layout.n_blocks))) for u in wanted]
 
 
-def _run_blocks(cfg: HarvestConfig, cache: Cache, model, pending: list[int]) -> HarvestResult:
+def _run_blocks(cfg: HarvestConfig, cache: Cache, model, units: list[list[int]],
+                pending: set[int], label: str) -> HarvestResult:
+    """Forward ``units`` and write their ``pending`` blocks."""
     layout = cache.layout
     capture = ResidualCapture(model, cache.provenance.blocks, layout.layers)
-    units = units_of(layout, pending, cfg.batch_size)
-    unit_seqs = len(units[0]) * layout.seqs_per_block
+    unit_seqs = max(len(unit) for unit in units) * layout.seqs_per_block
     buffers = [HostBuffer.allocate(len(layout.layers), unit_seqs, layout.ctx, layout.d,
                                    pin=capture.cuda) for _ in range(cfg.buffers)]
     log.info("host buffers: %d × %.1f MiB", len(buffers), buffers[0].nbytes / 2**20)
     writer = BlockWriter(cache, buffers, cfg.writer_threads, cfg.allow_nonfinite)
-    todo = set(pending)
-    progress = Progress(len(pending) * layout.rows_per_block, "harvest", cfg.progress)
+    mine = [b for unit in units for b in unit if b in pending]
+    progress = Progress(len(mine) * layout.rows_per_block, label, cfg.progress)
     try:
         for unit in units:
-            _forward_unit(cfg, cache, capture, writer, unit, todo)
-            progress.update(sum(len(layout.block_seqs(b)) for b in unit if b in todo) * layout.ctx,
+            _forward_unit(cfg, cache, capture, writer, unit, pending)
+            progress.update(sum(len(layout.block_seqs(b)) for b in unit if b in pending) * layout.ctx,
                             writer.bytes_written)
         writer.close()
     except BaseException:
@@ -241,7 +252,7 @@ def _run_blocks(cfg: HarvestConfig, cache: Cache, model, pending: list[int]) -> 
         raise
     finally:
         progress.close()
-    tokens = sum(len(layout.block_seqs(b)) for b in pending) * layout.ctx
+    tokens = sum(len(layout.block_seqs(b)) for b in mine) * layout.ctx
     return HarvestResult(cache, tokens, writer.bytes_written, progress.seconds)
 
 

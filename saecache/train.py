@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from saecache.distributed import ranks
 from saecache.errors import SaecacheError
 from saecache.harvest import default_device
 from saecache.progress import Progress
@@ -135,13 +136,20 @@ class TrainConfig:
 
 
 def train(cfg: TrainConfig) -> list[Run]:
-    """Train every run of every requested layer; returns the finished runs."""
+    """Train every run of every requested layer; returns the finished runs.
+
+    Under torchrun each rank takes a round-robin share of the layers and trains each of them
+    with all its sister runs, from one read pass, on its own GPU.
+    """
+    group = ranks()
+    cfg = replace(cfg, device=group.device(cfg.device))
     cache = Cache.open(cfg.cache, storage_options=cfg.storage_options)
     _check_cache(cache, cfg)
     _set_precision(cfg.precision)
     finished = []
-    for layer in cfg.layers:
+    for layer in group.mine(list(cfg.layers)):
         finished += train_layer(cfg, cache, layer)
+    group.barrier()
     return finished
 
 
