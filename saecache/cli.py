@@ -269,6 +269,23 @@ def eval_(runs, device, storage_option, **options):
 
 
 @cli.command()
+@click.argument("runs")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
+@click.option("--metric", type=click.Choice(["loss", "mse", "fvu"]), default="loss", show_default=True,
+              help="Training curve the loss-floor fit uses (mse/fvu suit adaptive-L1 runs better).")
+@click.option("--cutoff", type=click.FloatRange(0, 1, min_open=True), default=0.6, show_default=True,
+              help="Fit the curve up to this fraction of tokens and predict the rest.")
+@click.option("--skip", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Leave out this fraction of tokens at the start (warm-up).")
+def report(runs, out, metric, cutoff, skip):
+    """Plots (per-layer heatmap, curves for all layers, predicted vs measured loss floor), an
+    index.html and a Markdown summary of the runs in RUNS."""
+    from saecache.report import write_report
+
+    click.echo(f"wrote {write_report(runs, out, metric=metric, cutoff=cutoff, skip=skip)}")
+
+
+@cli.command()
 @click.option("--out", default="saecache-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the tiny model and the demo cache.")
 @click.option("--device", default=None, help="torch device. [default: cuda if available, else cpu]")

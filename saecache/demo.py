@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from saecache.corpus import DatasetSpec
+from saecache.evaluate import EvalConfig, evaluate
 from saecache.harvest import HarvestConfig, harvest
+from saecache.report import write_report
 from saecache.storage.info import describe, format_info
 from saecache.tiny import DEMO_TEXT, build_tiny_model
 from saecache.train import TrainConfig, train
@@ -37,7 +39,7 @@ def demo_train_config(out: Path, device: str) -> TrainConfig:
     return TrainConfig(cache=str(out / "cache.zarr"), out=str(out / "runs"), layers=(DEMO_LAYER,),
                        expansion=4, l1=("3e-4", "adaptive:32"), tokens=49152,
                        snapshots=(16000, 32000), batch_size=128, lr=1e-3, dead_window=16384,
-                       log_every=64, mix_chunks=4, reader_threads=2, device=device)
+                       log_every=16, mix_chunks=4, reader_threads=2, device=device)
 
 
 def run_demo(out: str | Path, device: str) -> str:
@@ -47,4 +49,10 @@ def run_demo(out: str | Path, device: str) -> str:
     report = [format_info(describe(cache)), ""]
     for run in train(demo_train_config(out, device)):
         report.append(f"{run.paths.dir.name}: {run.summary()}")
+    for run, data in evaluate(EvalConfig(runs=str(out / "runs"), device=device)).items():
+        r = next(v for name, v in data["snapshots"].items() if name.endswith("_final.pt"))
+        report.append(f"{run.name}: CE loss recovered {r['ce_loss_recovered']:.3f} (random model: "
+                      f"clean {r['ce_clean']:.3f}, zero-ablated {r['ce_zero']:.3f}), KL {r['kl']:.4f}")
+    index = write_report(out / "runs", out / "report", metric="mse")
+    report.append(f"report: {index}")
     return "\n".join(report)

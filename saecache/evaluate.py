@@ -28,7 +28,7 @@ from saecache.errors import SaecacheError
 from saecache.harvest import default_device
 from saecache.metrics import RunningMetrics
 from saecache.models import block_output, find_blocks, load_model
-from saecache.runs import atomic_write, read_json
+from saecache.runs import RunPaths, atomic_write, read_json
 from saecache.sae import SAE
 from saecache.storage.cache import Cache
 from saecache.storage.reader import heldout_seqs
@@ -158,9 +158,9 @@ def evaluate_sae(model: nn.Module, block: nn.Module, sae: SAE, tokens: torch.Ten
 def run_folders(root: str | Path) -> list[Path]:
     """The run folders at ``root`` (itself, or its sub-folders holding run.json)."""
     root = Path(root)
-    if (root / "run.json").exists():
+    if RunPaths(root).config.exists():
         return [root]
-    found = sorted(p.parent for p in root.glob("*/run.json"))
+    found = sorted(p.parent for p in root.glob(f"*/{RunPaths(root).config.name}"))
     if not found:
         raise SaecacheError(f"no runs in {root}: give a run folder or a RUNS folder from saecache train")
     return found
@@ -168,7 +168,7 @@ def run_folders(root: str | Path) -> list[Path]:
 
 def snapshots_of(run: Path, which: str) -> list[Path]:
     """Snapshot files of a run: ``final``, ``all``, or one by name (``50M`` or the file name)."""
-    files = sorted(run.glob("sae_layer*_*.pt"))
+    files = RunPaths(run).snapshots()
     if not files:
         raise SaecacheError(f"run {run} has no snapshots: train it first")
     if which == "all":
@@ -183,7 +183,7 @@ def snapshots_of(run: Path, which: str) -> list[Path]:
 def evaluate(cfg: EvalConfig) -> dict[Path, dict]:
     """Evaluate the chosen snapshot(s) of every run; returns {run: eval.json contents}."""
     runs = run_folders(cfg.runs)
-    plans = [(run, read_json(run / "run.json"), snapshots_of(run, cfg.snapshot)) for run in runs]
+    plans = [(run, read_json(RunPaths(run).config), snapshots_of(run, cfg.snapshot)) for run in runs]
     models: dict[tuple, nn.Module] = {}
     results = {}
     for run, record, snapshots in plans:
@@ -203,7 +203,7 @@ def _evaluate_run(cfg: EvalConfig, run: Path, record: dict, snapshots: list[Path
                             f"{model.config.hidden_size}: pass the model its cache was harvested from")
     tokens = _heldout_tokens(cfg, record).to(cfg.device)
     _, blocks = find_blocks(model, model.config.num_hidden_layers)
-    path = run / "eval.json"
+    path = RunPaths(run).eval
     data = json.loads(path.read_text()) if path.exists() else {"snapshots": {}}
     data["model"] = model_id
     for snapshot in snapshots:

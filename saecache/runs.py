@@ -75,13 +75,23 @@ def snapshot_name(layer: int, tokens: int | None) -> str:
 
 
 class RunPaths:
-    """Where one run's files live."""
+    """Where one run's files live, given its folder."""
 
-    def __init__(self, root: str | Path, spec: RunSpec):
-        self.dir = Path(root) / spec.name
+    def __init__(self, folder: str | Path):
+        self.dir = Path(folder)
         self.config = self.dir / "run.json"
         self.metrics = self.dir / "metrics.jsonl"
+        self.eval = self.dir / "eval.json"
         self.checkpoints = self.dir / "checkpoints"
+
+    @classmethod
+    def of(cls, root: str | Path, spec: RunSpec) -> RunPaths:
+        """The folder of ``spec`` under RUNS."""
+        return cls(Path(root) / spec.name)
+
+    def snapshots(self) -> list[Path]:
+        """The run's snapshot files, sorted by name."""
+        return sorted(self.dir.glob("sae_layer*_*.pt"))
 
     def snapshot(self, layer: int, tokens: int | None) -> Path:
         return self.dir / snapshot_name(layer, tokens)
@@ -96,6 +106,15 @@ class RunPaths:
         return sorted(int(p.stem[4:]) for p in self.checkpoints.glob("step*.pt"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through ``write(file_object)`` to a temporary file, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +122,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -183,7 +183,7 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[Run]:
     stats = cache.layer_stats(layer)
     scale = math.sqrt(cache.layout.d) / stats.mean_norm  # E‖x·scale‖ = √d
     identity = RunIdentity.of(cfg, cache, layer, scale)
-    runs = [Run.open(RunPaths(cfg.out, spec), spec, identity, cfg, cache.layout.d)
+    runs = [Run.open(RunPaths.of(cfg.out, spec), spec, identity, cfg, cache.layout.d)
             for spec in cfg.run_specs(layer)]
     start = Run.common_step(runs)
     for run in runs:

@@ -61,3 +61,14 @@ def train_cache(tmp_path_factory, tiny_model) -> Path:
     harvest(harvest_config(path, tiny_model, dataset=DatasetSpec(str(text)), tokens=65536, ctx=64,
                            chunk_rows=2048, batch_size=32, dtype="float32"))
     return path
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`saecache demo` run once through the CLI: (its folder, the click result)."""
+    from click.testing import CliRunner
+
+    from saecache.cli import cli
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, CliRunner().invoke(cli, ["demo", "--out", str(out), "--device", "cpu"])

@@ -166,10 +166,12 @@ def test_nonfinite_residuals_stop_the_harvest_naming_layer_and_sequence(tmp_path
     assert f"layer 1: {info['stats']['01']['nonfinite']}" in run("verify", cache).output
 
 
-def test_demo_runs_offline(tmp_path):
-    result = run("demo", "--out", tmp_path / "demo", "--device", "cpu")
+def test_demo_runs_offline(demo):
+    out, result = demo
     assert result.exit_code == 0, result.output
     assert "32/32 blocks" in result.output and "complete" in result.output
     assert "layer01-relu-x4-l1-0.0003: sae_layer01_final.pt: held-out FVU" in result.output
-    assert (tmp_path / "demo" / "runs" / "layer01-relu-x4-adaptive-l0-32" / "sae_layer01_16K.pt").exists()
+    assert "CE loss recovered" in result.output and "report: " in result.output
+    assert (out / "runs" / "layer01-relu-x4-adaptive-l0-32" / "sae_layer01_16K.pt").exists()
+    assert (out / "report" / "index.html").exists()
     assert "\r" not in result.output  # no progress bar when not a terminal
