@@ -190,3 +190,17 @@ def test_a_cache_that_is_not_complete_is_refused(train_cache, tmp_path):
     cache._update(complete=False)
     result = run_cli("train", copy, "--out", tmp_path / "runs", "--layer", 1, "--device", "cpu")
     assert_one_line_error(result, "not complete (31/32 blocks)")
+
+
+def test_resuming_against_a_cache_with_other_provenance_is_refused(sisters, tmp_path):
+    out, (fixed, _) = sisters
+    copy = tmp_path / "runs"
+    shutil.copytree(out, copy)
+    record_path = copy / fixed.paths.dir.name / "run.json"
+    record = json.loads(record_path.read_text())
+    record["cache"]["dataset"] = "/elsewhere/other-text.txt"  # as if trained on another cache
+    record_path.write_text(json.dumps(record))
+    result = run_cli("train", fixed.cfg.cache, "--out", copy, "--layer", 1, "--expansion", 4,
+                     "--tokens", 60000, "--snapshots", "20K", "--batch-size", 128, "--lr", "1e-3",
+                     "--dead-window", 10000, "--mix-chunks", 4, "--device", "cpu", "--no-progress")
+    assert_one_line_error(result, "cache.dataset is '/elsewhere/other-text.txt' there")
