@@ -260,13 +260,18 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
 def read_chunk_zarr(arr: zarr.Array, block: int, rows: slice, out: np.ndarray, name: str) -> int:
     """Decode one chunk through zarr (any codec, any store) into ``out`` (rows, d); returns
     the bytes stored for it. zarr's crc32c codec checks the checksum."""
+    key = f"{arr.path}/{arr.metadata.encode_chunk_key((block, 0))}"
+    try:
+        stored = run(arr.store.getsize(key))  # first: zarr would read a missing chunk as zeros
+    except FileNotFoundError:
+        raise SaecacheError(f"{name} is missing: the cache is incomplete or damaged; run "
+                            "saecache verify on it") from None
     try:
         out[...] = arr[rows]
     except ValueError as err:  # zarr's crc32c codec: "Stored and computed checksum do not match"
         raise SaecacheError(f"{name} could not be read ({err}): the cache is corrupt; "
                             "run saecache verify on it") from err
-    key = f"{arr.path}/{arr.metadata.encode_chunk_key((block, 0))}"
-    return run(arr.store.getsize(key))
+    return stored
 
 
 # ----------------------------------------------------------------------------- the reference
