@@ -286,6 +286,28 @@ def report(runs, out, metric, cutoff, skip):
 
 
 @cli.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["saelens", "pt"]), required=True,
+              help="saelens: cfg.json + sae_weights.safetensors per layer; pt: sae_layer{LL}_{SNAP}.pt files.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--snapshot", default=None,
+              help="Snapshot to export, e.g. final or 50M. [default: saelens final, pt all]")
+@click.option("--push", "repo_id", default=None, help="Upload the folder to this Hub repository.")
+def export(runs, fmt, out, snapshot, repo_id):
+    """Write RUN folders (one family, any layers) as SAELens folders or model-card .pt files,
+    with a generated model card; --push uploads them to the Hugging Face Hub."""
+    from saecache.export import export_pt, export_saelens, push
+
+    if fmt == "pt":
+        files = export_pt(runs, out, snapshot, repo_id)
+    else:
+        files = export_saelens(runs, out, snapshot or "final", repo_id)
+    click.echo(f"wrote {len(files)} files to {out}")
+    if repo_id:
+        click.echo(f"pushed to {push(out, repo_id)}")
+
+
+@cli.command()
 @click.option("--out", default="saecache-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the tiny model and the demo cache.")
 @click.option("--device", default=None, help="torch device. [default: cuda if available, else cpu]")
