@@ -48,8 +48,7 @@ import torch
 import zarr
 
 from saecache.storage.cache import Cache
-from saecache.storage.layout import CacheLayout
-from saecache.storage.provenance import Provenance
+import synthetic_cache  # benchmarks/ is on sys.path when run as a script
 from saecache.storage.reader import (
     PlainReader,
     PrefetchReader,
@@ -73,24 +72,7 @@ def log(message: str) -> None:
 
 def make_cache(folder: Path, n_train_chunks: int, chunk_rows: int, d: int) -> Cache:
     """A complete one-layer cache of n_train_chunks training blocks plus one held-out block."""
-    seqs_per_block = chunk_rows // CTX
-    layout = CacheLayout(ctx=CTX, d=d, layers=(LAYER,), seqs_per_block=seqs_per_block, n_seq=0)
-    provenance = Provenance(
-        model="synthetic", revision=None, dtype="float16", architecture="none", blocks="none",
-        n_layers=1, tokenizer="none", vocab_hash="", eos_token_id=0, dataset="random",
-        dataset_config=None, split="train", dataset_revision=None, text_field="text",
-        token_budget=0)
-    cache = Cache.create(str(folder / "cache.zarr"), provenance, layout)
-    n_blocks = n_train_chunks + 1  # holdout 1% of a few dozen blocks: the last one
-    cache.create_token_arrays(n_blocks * seqs_per_block)
-    cache.finish_tokens(n_blocks * seqs_per_block)
-    arr, rng = cache.resid(LAYER), np.random.default_rng(0)
-    for block in range(n_blocks):
-        rows = cache.layout.block_rows(block)
-        arr[rows] = rng.standard_normal((rows.stop - rows.start, d), dtype=np.float32).astype(np.float16)
-        cache.commit_block(block, np.zeros((1, d + 4)))
-    cache.finalize()
-    return cache
+    return synthetic_cache.make_cache(folder / "cache.zarr", n_train_chunks + 1, chunk_rows, d, CTX)
 
 
 def train_chunk_files(cache: Cache) -> list[Path]:

@@ -42,14 +42,11 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
-import torch
+
+from synthetic_cache import make_cache  # benchmarks/ is on sys.path when run as a script
 
 from saecache.storage.cache import Cache
-from saecache.storage.layout import CacheLayout
-from saecache.storage.provenance import Provenance
 from saecache.storage.reader import PrefetchReader, ReaderConfig, split_blocks
-from saecache.storage.stats import sequence_sums
 
 LAYER = 0
 CTX = 2048
@@ -57,32 +54,6 @@ CTX = 2048
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def make_cache(location: str, n_blocks: int, chunk_rows: int, d: int) -> Cache:
-    """n_blocks blocks of chunk_rows random fp16 rows (per-dimension scales, outlier dims)."""
-    seqs = max(1, chunk_rows // CTX)
-    layout = CacheLayout(ctx=CTX, d=d, layers=(LAYER,), seqs_per_block=seqs, n_seq=0)
-    provenance = Provenance(
-        model="synthetic", revision=None, dtype="float16", architecture="none", blocks="none",
-        n_layers=1, tokenizer="none", vocab_hash="", eos_token_id=0, dataset="random",
-        dataset_config=None, split="train", dataset_revision=None, text_field="text",
-        token_budget=n_blocks * seqs * CTX)
-    cache = Cache.create(location, provenance, layout)
-    cache.create_token_arrays(n_blocks * seqs)
-    cache.finish_tokens(n_blocks * seqs)
-    rng = np.random.default_rng(0)
-    scales = rng.lognormal(0.0, 0.5, d).astype(np.float32)  # (d,)
-    scales[:3] *= 50
-    arr = cache.resid(LAYER)
-    for block in range(n_blocks):
-        rows = cache.layout.block_rows(block)
-        x = (rng.standard_normal((rows.stop - rows.start, d), dtype=np.float32) * scales).astype(np.float16)
-        arr[rows] = x  # (rows, d)
-        sums = sequence_sums(torch.from_numpy(x).reshape(-1, CTX, d)).double().sum(0)  # (d + 4,)
-        cache.commit_block(block, sums[None].numpy())
-    cache.finalize()
-    return cache
 
 
 class MotoServer:

@@ -92,7 +92,7 @@ def main() -> None:
     precisions = args.precision or (["tf32", "bf16"] if args.device.startswith("cuda") else ["fp32"])
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        cache = make_cache(Path(tmp), args.blocks, args.chunk_rows, args.d)
+        cache = make_cache(Path(tmp) / "cache.zarr", args.blocks, args.chunk_rows, args.d)
         train_rows = (args.blocks - 1) * cache.layout.rows_per_block
         steps = args.steps or (train_rows // args.batch_size) - args.mix_chunks * args.chunk_rows // args.batch_size
         for precision in precisions:

@@ -15,8 +15,9 @@ from saecache.storage.stats import sequence_sums
 LAYER = 0
 
 
-def make_cache(folder: Path, n_blocks: int, chunk_rows: int, d: int, ctx: int = 2048) -> Cache:
-    """n_blocks blocks of chunk_rows rows: per-dimension scales, three 50× outlier dimensions."""
+def make_cache(location: str | Path, n_blocks: int, chunk_rows: int, d: int, ctx: int = 2048) -> Cache:
+    """A cache at ``location`` (folder or URL) of n_blocks blocks of chunk_rows random fp16 rows:
+    per-dimension scales, three 50× outlier dimensions, real statistics."""
     seqs_per_block = max(1, chunk_rows // ctx)
     layout = CacheLayout(ctx=ctx, d=d, layers=(LAYER,), seqs_per_block=seqs_per_block, n_seq=0)
     provenance = Provenance(
@@ -24,7 +25,7 @@ def make_cache(folder: Path, n_blocks: int, chunk_rows: int, d: int, ctx: int = 
         n_layers=1, tokenizer="none", vocab_hash="", eos_token_id=0, dataset="random",
         dataset_config=None, split="train", dataset_revision=None, text_field="text",
         token_budget=n_blocks * seqs_per_block * ctx)
-    cache = Cache.create(str(folder / "cache.zarr"), provenance, layout)
+    cache = Cache.create(str(location), provenance, layout)
     cache.create_token_arrays(n_blocks * seqs_per_block)
     cache.finish_tokens(n_blocks * seqs_per_block)
     rng = np.random.default_rng(0)

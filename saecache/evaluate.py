@@ -27,7 +27,7 @@ from torch import nn
 from saecache.errors import SaecacheError
 from saecache.harvest import default_device
 from saecache.metrics import RunningMetrics
-from saecache.models import block_output, find_blocks, load_model
+from saecache.models import find_blocks, load_model
 from saecache.runs import RunPaths, atomic_write, read_json
 from saecache.sae import SAE
 from saecache.storage.cache import Cache

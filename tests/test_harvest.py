@@ -9,7 +9,6 @@ import zarr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from saecache.harvest import harvest, units_of
-from saecache.packing import pack
 from saecache.storage.cache import Cache
 from saecache.storage.layout import CacheLayout
 from saecache.storage.stats import LayerStats
