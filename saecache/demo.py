@@ -9,7 +9,7 @@ from saecache.evaluate import EvalConfig, evaluate
 from saecache.harvest import HarvestConfig, harvest
 from saecache.report import write_report
 from saecache.storage.info import describe, format_info
-from saecache.tiny import DEMO_TEXT, build_tiny_model
+from saecache.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model
 from saecache.train import TrainConfig, train
 
 DEMO_CTX = 64
@@ -28,7 +28,7 @@ def demo_text(out: Path) -> Path:
 
 def demo_harvest_config(out: Path, device: str) -> HarvestConfig:
     """Harvest of the demo text through the tiny model into ``out/cache.zarr``."""
-    model = build_tiny_model(out / "model")
+    model = build_tiny_model(out / "model", TinyModelConfig(pretrain_steps=300))
     return HarvestConfig(cache=str(out / "cache.zarr"), model=str(model),
                          dataset=DatasetSpec(str(demo_text(out))), tokens=DEMO_TOKENS, ctx=DEMO_CTX,
                          batch_size=32, chunk_rows=DEMO_CHUNK_ROWS, device=device)
@@ -51,8 +51,9 @@ def run_demo(out: str | Path, device: str) -> str:
         report.append(f"{run.paths.dir.name}: {run.summary()}")
     for run, data in evaluate(EvalConfig(runs=str(out / "runs"), device=device)).items():
         r = next(v for name, v in data["snapshots"].items() if name.endswith("_final.pt"))
-        report.append(f"{run.name}: CE loss recovered {r['ce_loss_recovered']:.3f} (random model: "
-                      f"clean {r['ce_clean']:.3f}, zero-ablated {r['ce_zero']:.3f}), KL {r['kl']:.4f}")
+        report.append(f"{run.name}: CE loss recovered {r['ce_loss_recovered']:.3f} (CE clean "
+                      f"{r['ce_clean']:.3f}, spliced {r['ce_spliced']:.3f}, zero-ablated "
+                      f"{r['ce_zero']:.3f}), KL {r['kl']:.4f}")
     index = write_report(out / "runs", out / "report", metric="mse")
     report.append(f"report: {index}")
     return "\n".join(report)

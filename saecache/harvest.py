@@ -31,7 +31,7 @@ from saecache.progress import Progress
 from saecache.storage.cache import Cache, codecs
 from saecache.storage.layout import DEFAULT_CHUNK_ROWS, CacheLayout
 from saecache.storage.provenance import Provenance
-from saecache.storage.store import location_exists
+from saecache.storage.store import location_exists, remove_partial_writes
 from saecache.storage.writer import BlockWriter
 from saecache.units import parse_layers
 
@@ -177,6 +177,8 @@ def _open_or_create(cfg: HarvestConfig, provenance: Provenance, layout: CacheLay
     if exists and not cfg.overwrite:
         cache = Cache.open(cfg.cache, writable=True, storage_options=cfg.storage_options)
         cache.check_matches(provenance, layout)
+        if removed := remove_partial_writes(cfg.cache):  # before any rank writes again
+            log.info("removed %d partial chunk files left by an interrupted harvest", removed)
         if cache.tokens_done:
             return cache
     sequences = _sequences(cfg, tokenizer)  # fails on missing or empty data before any change

@@ -74,3 +74,13 @@ def test_rerunning_a_complete_cache_changes_nothing(tmp_path, tiny_model):
     result = harvest(cfg)
     assert result.tokens_harvested == 0
     assert tree_digest(tmp_path / "c.zarr") == before
+
+
+def test_a_partial_chunk_left_by_a_kill_is_cleaned_up_on_resume(tmp_path, tiny_model):
+    cfg = harvest_config(tmp_path / "c.zarr", tiny_model)
+    harvest(cfg)
+    before = tree_digest(tmp_path / "c.zarr")
+    leftover = tmp_path / "c.zarr" / "resid" / "01" / "c" / "3" / "0.4f2a9c.partial"
+    leftover.write_bytes(b"half a chunk")  # what zarr's temporary file looks like after kill -9
+    harvest(cfg)
+    assert not leftover.exists() and tree_digest(tmp_path / "c.zarr") == before

@@ -23,6 +23,7 @@ import re
 import threading
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -95,6 +96,18 @@ def size_of(store: Store, prefix: str = "") -> int:
         if all(size is not None for size in sizes):
             return sum(int(size) for size in sizes)
     return run(store.getsize_prefix(prefix))
+
+
+def remove_partial_writes(location: str) -> int:
+    """Delete what a killed writer left behind: zarr's local store writes ``KEY.<uuid>.partial``
+    and renames it to ``KEY``; a kill in between leaves the temporary file. Object stores have
+    no such files. Call only while no other process writes. Returns the number removed."""
+    if is_url(location):
+        return 0
+    leftovers = list(Path(location.removeprefix("file://")).rglob("*.partial"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def location_exists(location: str, storage_options: dict | None = None) -> bool:
