@@ -84,3 +84,36 @@ def test_a_partial_chunk_left_by_a_kill_is_cleaned_up_on_resume(tmp_path, tiny_m
     leftover.write_bytes(b"half a chunk")  # what zarr's temporary file looks like after kill -9
     harvest(cfg)
     assert not leftover.exists() and tree_digest(tmp_path / "c.zarr") == before
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_finishes_identically(tmp_path, tiny_model, monkeypatch):
+    import errno
+
+    from click.testing import CliRunner
+    from zarr.storage import LocalStore
+
+    from saecache.cli import cli
+
+    whole = tmp_path / "whole.zarr"
+    harvest(harvest_config(whole, tiny_model))
+    real_set, calls = LocalStore.set, {"n": 0}
+
+    async def set_until_full(self, key, value, *args, **kwargs):
+        calls["n"] += 1
+        if "resid/" in key and calls["n"] > 40:  # the disk fills up in the middle of the harvest
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_set(self, key, value, *args, **kwargs)
+
+    cache = tmp_path / "cache.zarr"
+    args = ["harvest", str(cache), "--model", str(tiny_model), "--dataset", str(DEMO_TEXT),
+            "--tokens", "2048", "--ctx", "32", "--chunk-rows", "256", "--batch-size", "4",
+            "--device", "cpu", "--writer-threads", "2", "--buffers", "2", "--no-progress"]
+    monkeypatch.setattr(LocalStore, "set", set_until_full)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "re-run" in lines[0], lines
+    assert 0 < Cache.open(str(cache)).committed().sum() < 8
+    monkeypatch.setattr(LocalStore, "set", real_set)  # space freed
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert tree_digest(cache) == tree_digest(whole)
