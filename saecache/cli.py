@@ -77,7 +77,8 @@ storage_option = click.option("--storage-option", "storage_option", multiple=Tru
 @click.version_option(__version__, prog_name="saecache")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage is doing.")
 def cli(verbose: bool):
-    """Harvest a language model's residual streams once into a verified Zarr v3 cache."""
+    """Harvest a language model's residual streams once into a verified Zarr v3 cache, then
+    train, evaluate, report and export sparse autoencoders from it."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="saecache: %(message)s")
 
