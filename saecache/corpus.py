@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from saecache.errors import SaecacheError
+from saecache.errors import SaecacheError, first_line
 
 # The Pile, minus its copyrighted subsets, as still hosted on the Hub (the original
 # EleutherAI/pile was taken down). Pythia was trained on the full Pile.
@@ -82,7 +82,7 @@ def _open_local(spec: DatasetSpec):
     try:
         stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
     except Exception as err:  # e.g. an empty or malformed file
-        raise SaecacheError(f"could not read dataset {spec.id}: {_first_line(err)}") from None
+        raise SaecacheError(f"could not read dataset {spec.id}: {first_line(err)}") from None
     if builder == "text":  # a paragraph keeps the newlines around it; they are not its text
         stream = stream.map(lambda row: {"text": row["text"].strip("\n")})
     return stream
@@ -95,7 +95,7 @@ def _open_hub(spec: DatasetSpec):
         return datasets.load_dataset(spec.id, name=spec.config, split=spec.split,
                                      revision=spec.revision, streaming=True)
     except Exception as err:  # the Hub client raises many types; all mean "cannot read it"
-        raise SaecacheError(f"could not open dataset {spec.id!r} on the Hugging Face Hub: {_first_line(err)} "
+        raise SaecacheError(f"could not open dataset {spec.id!r} on the Hugging Face Hub: {first_line(err)} "
                             "(check the id and the network, or pass a local file)") from None
 
 
@@ -110,7 +110,7 @@ def iter_texts(spec: DatasetSpec) -> Iterator[str]:
             return
         except Exception as err:  # datasets' readers fail in many ways on bad or empty files
             raise SaecacheError(f"could not read dataset {spec.id} at row {index}: "
-                                f"{_first_line(err)}") from None
+                                f"{first_line(err)}") from None
         yield _text_of(row, spec, index)
 
 
@@ -123,8 +123,3 @@ def _text_of(row: dict, spec: DatasetSpec, index: int) -> str:
         raise SaecacheError(f"column {spec.text_field!r} of dataset {spec.id} holds "
                             f"{type(text).__name__}, not text (row {index})")
     return text
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

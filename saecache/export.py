@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 
 from saecache import __version__
-from saecache.errors import SaecacheError
-from saecache.lossfloor import read_metrics
-from saecache.runs import RunPaths, RunSpec, read_json
+from saecache.errors import SaecacheError, first_line
+from saecache.runs import RunPaths, RunSpec, read_json, read_metrics
 from saecache.sae import SAE, SNAPSHOT_TENSORS
-from saecache.units import format_count, parse_count
+from saecache.units import format_count, format_layers, parse_count
 
 FORMATS = ("pt", "saelens")
 CARD = "README.md"
@@ -269,7 +268,7 @@ def load_snapshot(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
         SAE.from_snapshot(state)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise SaecacheError(f"cannot read snapshot {path}: {reason}") from None
     return state
 
@@ -440,14 +439,14 @@ class ModelCard:
         blocks = "block" + "s" * (len(self.runs) > 1)
         return (f"# {name} — Sparse Autoencoders on {self.model}\n\n"
                 f"Sparse autoencoder (SAE) {what}, trained with saecache on the residual stream "
-                f"after {blocks} {_ranges(r.spec.layer for r in self.runs)} of `{self.model}`.")
+                f"after {blocks} {_layers_text(r.spec.layer for r in self.runs)} of `{self.model}`.")
 
     def contents(self) -> str:
         d = self.cache["d"]
         n_layers = len(self.runs)
         rows = [
             ("Base model", f"`{self.model}`"),
-            ("Layers covered", f"{_ranges(r.spec.layer for r in self.runs)} "
+            ("Layers covered", f"{_layers_text(r.spec.layer for r in self.runs)} "
                                f"({n_layers} layer{'s' * (n_layers != 1)})"),
             ("Hook", "output of each block (TransformerLens `blocks.{L}.hook_resid_post`)"),
             ("Architecture", self._each(_arch_text)),
@@ -532,7 +531,7 @@ class ModelCard:
                 sparsity, target = _sci(spec.l1), "fixed"
             here = " (this repository)" if family in mine else ""
             rows.append(f"| {family}{here} | {sparsity} | {target} | "
-                        f"{_ranges(r.spec.layer for r in runs)} |")
+                        f"{_layers_text(r.spec.layer for r in runs)} |")
         return ("## Sister runs (same setup, different sparsity)\n\n"
                 "| run | L1 coefficient or k | target | layers |\n| --- | --- | --- | --- |\n"
                 + "\n".join(rows))
@@ -680,15 +679,9 @@ def _num(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def _ranges(layers: Iterable[int]) -> str:
+def _layers_text(layers: Iterable[int]) -> str:
     """0–3, 8 for [0, 1, 2, 3, 8]."""
-    values, spans = sorted(set(layers)), []
-    for v in values:
-        if spans and v == spans[-1][1] + 1:
-            spans[-1][1] = v
-        else:
-            spans.append([v, v])
-    return ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in spans)
+    return format_layers(layers, dash="–", sep=", ")
 
 
 def _is_hub_id(name: str) -> bool:
@@ -717,7 +710,7 @@ def push(out: str | Path, repo_id: str, token: str | None = None) -> str:
                                    commit_message=f"saecache {__version__} export")
     except Exception as err:  # noqa: BLE001 - the Hub client's errors (HTTP, transport, auth)
         # come from several libraries; all are environment failures the user acts on
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise SaecacheError(f"could not push {out} to the Hub as {repo_id}: {reason} (the "
                             f"export stays in {out}; retry with network and a token)") from None
     return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")

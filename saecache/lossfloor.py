@@ -12,11 +12,12 @@ golden-section search.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from saecache.runs import RunPaths, read_metrics
 
 METRICS = ("loss", "mse", "fvu")
 MIN_POINTS = 4  # 3 parameters: fewer points leave nothing to judge the fit by
@@ -96,23 +97,11 @@ def train_curve(lines: list[dict], metric: str = "loss") -> tuple[np.ndarray, np
     return tokens[keep], values[keep]
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The lines of a ``metrics.jsonl``; a half-written last line (a run being killed) is dropped."""
-    lines = []
-    for text in Path(path).read_text().splitlines():
-        if text.strip():
-            try:
-                lines.append(json.loads(text))
-            except json.JSONDecodeError:
-                continue
-    return lines
-
-
 def fit_run(run_dir: str | Path, metric: str = "loss", skip: float = 0.1,
             cutoff: float = 0.6) -> LossFloorFit:
     """Fit the train ``metric`` curve of the run in ``run_dir`` (its ``metrics.jsonl``)."""
     run_dir = Path(run_dir)
-    tokens, values = train_curve(read_metrics(run_dir / "metrics.jsonl"), metric)
+    tokens, values = train_curve(read_metrics(RunPaths(run_dir).metrics), metric)
     return fit_loss_floor(tokens, values, skip=skip, cutoff=cutoff, run=run_dir.name, metric=metric)
 
 

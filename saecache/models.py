@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from saecache.errors import SaecacheError
+from saecache.errors import SaecacheError, first_line
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -21,7 +21,7 @@ def _load(what: str, loader, name: str, revision: str | None, **kwargs):
     try:
         return loader(name, revision=revision, **kwargs)
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise SaecacheError(
             f"could not load the {what} of {name!r}: {reason} (pass a local folder, or check the "
             "id, --revision and the network)"

@@ -29,8 +29,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from saecache.errors import SaecacheError
-from saecache.lossfloor import ALPHA_MAX, LossFloorFit, fit_loss_floor, read_metrics, train_curve
-from saecache.runs import RunPaths, atomic_write, read_json, snapshot_name
+from saecache.lossfloor import ALPHA_MAX, LossFloorFit, fit_loss_floor, train_curve
+from saecache.runs import RunPaths, atomic_write, read_metrics, read_json, snapshot_name
 
 GRID_COLUMNS = 6  # 24 layers → a 4 × 6 grid
 MIN_WIDTH = 9.0  # inches: room for the title and legend of a one-layer grid

@@ -11,7 +11,8 @@ import torch
 from saecache.errors import SaecacheError
 from saecache.losses import relu_l1_loss, topk_aux_loss
 from saecache.metrics import FiringStats, RunningMetrics
-from saecache.runs import RunPaths, RunSpec, atomic_write, read_json, snapshot_name, write_json
+from saecache.runs import (RunPaths, RunSpec, atomic_write, read_json, read_metrics,
+                           snapshot_name, write_json)
 from saecache.sae import SAE, SAEConfig
 from saecache.schedule import L1Controller, l1_factor, lr_factor
 from saecache.storage.cache import Cache
@@ -100,9 +101,9 @@ class Run:
     def _truncate_log(self, tokens: int) -> None:
         if not self.paths.metrics.exists():
             return
-        keep = [line for line in self.paths.metrics.read_text().splitlines()
-                if line.strip() and json.loads(line)["tokens"] <= tokens]
-        atomic_write(self.paths.metrics, lambda f: f.write("".join(l + "\n" for l in keep).encode()))
+        keep = [line for line in read_metrics(self.paths.metrics) if line["tokens"] <= tokens]
+        atomic_write(self.paths.metrics,
+                     lambda f: f.write("".join(json.dumps(l) + "\n" for l in keep).encode()))
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -197,8 +198,8 @@ class Run:
 
     def summary(self) -> str:
         """The last held-out metrics, in one line."""
-        lines = self.paths.metrics.read_text().splitlines() if self.paths.metrics.exists() else []
-        heldout = [json.loads(l) for l in lines if '"heldout"' in l]
+        lines = read_metrics(self.paths.metrics) if self.paths.metrics.exists() else []
+        heldout = [line for line in lines if line["split"] == "heldout"]
         if not heldout:
             return "no held-out metrics yet"
         m = heldout[-1]

@@ -138,3 +138,15 @@ def read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SaecacheError(f"cannot read {path}: {err}") from None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of a ``metrics.jsonl``; a half-written last line (a run being killed) is dropped."""
+    lines = []
+    for text in Path(path).read_text().splitlines():
+        if text.strip():
+            try:
+                lines.append(json.loads(text))
+            except json.JSONDecodeError:
+                continue
+    return lines

@@ -31,6 +31,17 @@ def format_count(n: int) -> str:
     return str(n)
 
 
+def format_layers(layers, dash: str = "-", sep: str = ",") -> str:
+    """[0, 1, 2, 5] → ``0-2,5`` (the inverse of :func:`parse_layers`)."""
+    spans: list[list[int]] = []
+    for layer in sorted(set(layers)):
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer])
+    return sep.join(f"{a}" if a == b else f"{a}{dash}{b}" for a, b in spans)
+
+
 def parse_layers(text: str | None, n_layers: int) -> tuple[int, ...]:
     """``"all"``/None → every layer; ``"0-3,8"`` → (0, 1, 2, 3, 8). Checks the range."""
     if text is None or str(text).strip().lower() in ("", "all"):

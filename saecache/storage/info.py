@@ -8,7 +8,7 @@ from saecache.storage import layout as names
 from saecache.storage.cache import Cache
 from saecache.storage.stats import LayerStats
 from saecache.storage.store import size_of
-from saecache.units import format_count
+from saecache.units import format_count, format_layers
 
 
 def describe(cache: Cache) -> dict:
@@ -66,7 +66,7 @@ def format_info(info: dict) -> str:
         f"model        {p['model']} @ {p['revision'] or 'default'}  [{p['architecture']}, {p['dtype']}, blocks {p['blocks']}]",
         f"dataset      {p['dataset']}  config={p['dataset_config']} split={p['split']} "
         f"revision={p['dataset_revision']} field={p['text_field']}",
-        f"layout       ctx {lay['ctx']}, d {lay['d']}, layers {_ranges(lay['layers'])}, "
+        f"layout       ctx {lay['ctx']}, d {lay['d']}, layers {format_layers(lay['layers'])}, "
         f"{lay['rows_per_chunk']} rows/chunk, compression {lay['compression']}, crc32c",
         f"tokens       {format_count(lay['n_tokens'])} in {lay['n_seq']} sequences "
         f"(budget {format_count(p['token_budget'])})" if prog["tokens_done"] else
@@ -83,14 +83,3 @@ def format_info(info: dict) -> str:
                          f"{s['rows']:9d} {s['nonfinite']:11d}")
     return "\n".join(lines)
 
-
-def _ranges(layers: list[int]) -> str:
-    """[0, 1, 2, 5] → '0-2,5'."""
-    out, start = [], None
-    for i, layer in enumerate(layers):
-        if start is None:
-            start = layer
-        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
-            out.append(f"{start}-{layer}" if layer != start else f"{layer}")
-            start = None
-    return ",".join(out)

@@ -31,7 +31,7 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from saecache.errors import SaecacheError
+from saecache.errors import SaecacheError, first_line
 
 T = TypeVar("T")
 
@@ -129,7 +129,7 @@ def location_exists(location: str, storage_options: dict | None = None) -> bool:
         except FileNotFoundError as err:
             raise SaecacheError(
                 f"{_container(location)} of {location} does not exist{_at(location, options)} "
-                f"({_first_line(err)}): create it first, or check the URL and the endpoint"
+                f"({first_line(err)}): create it first, or check the URL and the endpoint"
             ) from None
 
 
@@ -252,13 +252,13 @@ def object_store_errors(location: str, storage_options: dict | None = None) -> I
 
 def _explain(location: str, options: dict, err: Exception) -> str:
     names = {cls.__name__ for cls in type(err).__mro__}
-    what = f"{type(err).__name__}: {_first_line(err)}"
+    what = f"{type(err).__name__}: {first_line(err)}"
     if isinstance(err, ImportError):
         package = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
                    "abfs": "adlfs"}.get(_protocol(location), "the fsspec backend for it")
         return f"{location} needs {package}, which is not installed ({what}): pip install {package}"
     if isinstance(err, ValueError) and "protocol" in str(err).lower():
-        return f"{location}: {_first_line(err)}; CACHE must be a local path or an fsspec URL such as s3://bucket/path"
+        return f"{location}: {first_line(err)}; CACHE must be a local path or an fsspec URL such as s3://bucket/path"
     if isinstance(err, PermissionError):
         return (f"access to {location} was refused{_at(location, options)} ({what}): check the "
                 f"credentials ({_credential_hint(location)}) and that they may read and write "
@@ -310,7 +310,3 @@ def _endpoint_hint(location: str) -> str:
         return "AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 or --storage-option endpoint_url=…"
     return "the endpoint"
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

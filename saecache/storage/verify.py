@@ -10,6 +10,7 @@ import numpy as np
 import zarr
 
 from saecache.storage import layout as names
+from saecache.errors import first_line
 from saecache.storage.cache import Cache
 from saecache.storage.store import list_prefix
 
@@ -53,7 +54,7 @@ def _check_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> tuple[int, int, st
     try:
         data = arr.blocks[coords]
     except Exception as err:  # a codec raises ValueError on a bad checksum, others on garbage
-        return 0, 0, f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        return 0, 0, f"unreadable ({type(err).__name__}: {first_line(err)})"
     bad = int(data.size - np.count_nonzero(np.isfinite(data))) if data.dtype.kind == "f" else 0
     return data.nbytes, bad, None
 
