@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from saecache.corpus import DatasetSpec
-from saecache.harvest import HarvestConfig, harvest
-from saecache.models import DTYPES
-from saecache.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model
-from saecache.units import parse_count
+from saecache.harvest.corpus import DatasetSpec
+from saecache.harvest.loop import HarvestConfig, harvest
+from saecache.harvest.models import DTYPES
+from saecache.demo.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model
+from saecache.core.units import parse_count
 
 SHAPES = {
     "tiny": None,

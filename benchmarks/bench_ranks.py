@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench_harvest import SHAPES, build_model, make_text  # benchmarks/ is on sys.path
 
-from saecache.units import parse_count
+from saecache.core.units import parse_count
 
 LINE = re.compile(r"harvested (\S+) tokens .* in ([0-9.]+) s")
 

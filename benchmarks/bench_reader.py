@@ -49,7 +49,7 @@ import zarr
 
 from saecache.storage.cache import Cache
 import synthetic_cache  # benchmarks/ is on sys.path when run as a script
-from saecache.storage.reader import (
+from saecache.train.reader import (
     PlainReader,
     PrefetchReader,
     ReaderConfig,

@@ -46,7 +46,7 @@ from pathlib import Path
 from synthetic_cache import make_cache  # benchmarks/ is on sys.path when run as a script
 
 from saecache.storage.cache import Cache
-from saecache.storage.reader import PrefetchReader, ReaderConfig, split_blocks
+from saecache.train.reader import PrefetchReader, ReaderConfig, split_blocks
 
 LAYER = 0
 CTX = 2048

@@ -23,9 +23,9 @@ import torch
 
 from synthetic_cache import LAYER, make_cache  # benchmarks/ is on sys.path when run as a script
 
-from saecache.run import Run, RunIdentity
-from saecache.runs import RunPaths
-from saecache.train import TrainConfig, train
+from saecache.train.trainer import Run, RunIdentity
+from saecache.train.runfolder import RunPaths
+from saecache.train.loop import TrainConfig, train
 
 SISTERS = ("3e-4", "8e-5", "adaptive:150")
 

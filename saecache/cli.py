@@ -9,8 +9,8 @@ import sys
 import click
 
 from saecache import __version__
-from saecache.errors import SaecacheError
-from saecache.units import parse_count
+from saecache.core.errors import SaecacheError
+from saecache.core.units import parse_count
 
 
 class Count(click.ParamType):
@@ -123,9 +123,9 @@ def harvest(cache, dataset, dataset_config, split, dataset_revision, text_field,
     Re-running the same command resumes; a different model, dataset, ctx, layer set or
     token budget against an existing CACHE is refused.
     """
-    from saecache.corpus import DEFAULT_DATASET, DatasetSpec
-    from saecache.harvest import HarvestConfig, default_device, harvest as run_harvest
-    from saecache.units import format_count
+    from saecache.harvest.corpus import DEFAULT_DATASET, DatasetSpec
+    from saecache.harvest.loop import HarvestConfig, default_device, harvest as run_harvest
+    from saecache.core.units import format_count
 
     spec = DatasetSpec(dataset or DEFAULT_DATASET, dataset_config, split, dataset_revision, text_field)
     try:
@@ -225,8 +225,8 @@ def train(cache, layers, snapshots, device, storage_option, **options):
     Re-running the same command resumes from the last checkpoint; an existing run with other
     settings is refused.
     """
-    from saecache.harvest import default_device
-    from saecache.train import SNAPSHOTS, TrainConfig, train as run_train
+    from saecache.harvest.loop import default_device
+    from saecache.train.loop import SNAPSHOTS, TrainConfig, train as run_train
 
     if snapshots is None:
         snapshots = tuple(s for s in SNAPSHOTS if s < options["tokens"])
@@ -256,8 +256,8 @@ def train(cache, layers, snapshots, device, storage_option, **options):
 def eval_(runs, device, storage_option, **options):
     """CE loss recovered, KL, L0, MSE, FVU, dead/dense fractions of each run in RUNS,
     spliced into the model on the cache's held-out sequences; written to eval.json."""
-    from saecache.evaluate import EvalConfig, evaluate
-    from saecache.harvest import default_device
+    from saecache.evaluate.splice import EvalConfig, evaluate
+    from saecache.harvest.loop import default_device
 
     cfg = EvalConfig(runs=runs, device=_check_device(device or default_device()),
                      storage_options=_storage_options(storage_option), **options)
@@ -281,7 +281,7 @@ def eval_(runs, device, storage_option, **options):
 def report(runs, out, metric, cutoff, skip):
     """Plots (per-layer heatmap, curves for all layers, predicted vs measured loss floor), an
     index.html and a Markdown summary of the runs in RUNS."""
-    from saecache.report import write_report
+    from saecache.report.report import write_report
 
     click.echo(f"wrote {write_report(runs, out, metric=metric, cutoff=cutoff, skip=skip)}")
 
@@ -297,7 +297,7 @@ def report(runs, out, metric, cutoff, skip):
 def export(runs, fmt, out, snapshot, repo_id):
     """Write RUN folders (one family, any layers) as SAELens folders or model-card .pt files,
     with a generated model card; --push uploads them to the Hugging Face Hub."""
-    from saecache.export import export_pt, export_saelens, push
+    from saecache.export.export import export_pt, export_saelens, push
 
     if fmt == "pt":
         files = export_pt(runs, out, snapshot, repo_id)
@@ -314,8 +314,8 @@ def export(runs, fmt, out, snapshot, repo_id):
 @click.option("--device", default=None, help="torch device. [default: cuda if available, else cpu]")
 def demo(out, device):
     """The whole pipeline offline, on a tiny built-in GPT-NeoX and a bundled text sample."""
-    from saecache.demo import run_demo
-    from saecache.harvest import default_device
+    from saecache.demo.demo import run_demo
+    from saecache.harvest.loop import default_device
 
     click.echo(run_demo(out, _check_device(device or default_device())))
 

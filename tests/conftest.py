@@ -10,10 +10,18 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# torch's default (one thread per core, for every process) oversubscribes a busy machine;
+# subprocesses started by tests inherit these.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from saecache.corpus import DatasetSpec  # noqa: E402
-from saecache.harvest import HarvestConfig, harvest  # noqa: E402
-from saecache.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from saecache.harvest.corpus import DatasetSpec  # noqa: E402
+from saecache.harvest.loop import HarvestConfig, harvest  # noqa: E402
+from saecache.demo.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model  # noqa: E402
 
 CTX = 32
 TOKENS = 2048  # 64 sequences

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from saecache.cli import cli
-from saecache.tiny import DEMO_TEXT
+from saecache.demo.tiny import DEMO_TEXT
 from tests.conftest import CTX, TOKENS, tree_digest
 
 

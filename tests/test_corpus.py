@@ -1,4 +1,4 @@
-"""Reading documents (saecache.corpus) and packing them into sequences (saecache.packing), offline."""
+"""Reading documents (saecache.harvest.corpus) and packing them into sequences (saecache.harvest.packing), offline."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from saecache import packing
-from saecache.corpus import DatasetSpec, iter_texts
-from saecache.errors import SaecacheError
-from saecache.packing import pack, tokenize_documents
-from saecache.tiny import DEMO_TEXT
+from saecache.harvest import packing
+from saecache.harvest.corpus import DatasetSpec, iter_texts
+from saecache.core.errors import SaecacheError
+from saecache.harvest.packing import pack, tokenize_documents
+from saecache.demo.tiny import DEMO_TEXT
 
 # Documents a .txt file can hold too: no blank line inside one, no newline at either end.
 DOCS = [

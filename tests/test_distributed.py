@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saecache.tiny import DEMO_TEXT
+from saecache.demo.tiny import DEMO_TEXT
 from tests.conftest import tree_digest
 from tests.test_resume import commits
 

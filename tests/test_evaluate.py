@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from saecache.evaluate import ce_loss_recovered, evaluate_sae
-from saecache.sae import SAE, SAEConfig
-from saecache.tiny import TinyModelConfig, build_tiny_model
-from saecache.train import TrainConfig, train
+from saecache.evaluate.splice import ce_loss_recovered, evaluate_sae
+from saecache.sae.model import SAE, SAEConfig
+from saecache.demo.tiny import TinyModelConfig, build_tiny_model
+from saecache.train.loop import TrainConfig, train
 from tests.test_cli import assert_one_line_error, run
 
 D = 64

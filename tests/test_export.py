@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saecache.errors import SaecacheError
-from saecache.export import (
+from saecache.core.errors import SaecacheError
+from saecache.export.export import (
     CARD,
     export_pt,
     export_saelens,
@@ -19,10 +19,10 @@ from saecache.export import (
     push,
     transformer_lens_hook,
 )
-from saecache.sae import SAE
+from saecache.sae.model import SAE
 from saecache.storage.cache import Cache
-from saecache.storage.reader import ReaderConfig, read_heldout
-from saecache.train import TrainConfig, train
+from saecache.train.reader import ReaderConfig, read_heldout
+from saecache.train.loop import TrainConfig, train
 
 SNAPSHOT_NAME = re.compile(r"^sae_layer(\d{2})_(\d+[KMBT]?|final)\.pt$")  # the model card's pattern
 

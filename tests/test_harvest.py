@@ -8,11 +8,11 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from saecache.harvest import harvest, units_of
+from saecache.harvest.loop import harvest, units_of
 from saecache.storage.cache import Cache
 from saecache.storage.layout import CacheLayout
 from saecache.storage.stats import LayerStats
-from saecache.tiny import DEMO_TEXT
+from saecache.demo.tiny import DEMO_TEXT
 from tests.conftest import CTX, TOKENS, harvest_config
 
 BATCH = 4  # harvest_config's batch size: the reference runs the same batches

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from saecache.lossfloor import fit_loss_floor, fit_run, train_curve
+from saecache.report.lossfloor import fit_loss_floor, fit_run, train_curve
 
 L_INF, A, ALPHA = 0.05, 2000.0, 0.5
 

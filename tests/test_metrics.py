@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from saecache.metrics import (FiringStats, MetricsSummary, RunningMetrics, explained_variance,
+from saecache.sae.metrics import (FiringStats, MetricsSummary, RunningMetrics, explained_variance,
                               fvu, l0, mse)
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])

@@ -13,9 +13,9 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config,
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 
-from saecache.errors import SaecacheError
-from saecache.harvest import blocks_path_of, harvest
-from saecache.models import find_blocks, load_config, load_model
+from saecache.core.errors import SaecacheError
+from saecache.harvest.loop import blocks_path_of, harvest
+from saecache.harvest.models import find_blocks, load_config, load_model
 from tests.conftest import harvest_config
 
 # name → (blocks path, builder of a tiny random model; None: the conftest GPT-NeoX)

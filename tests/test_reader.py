@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from saecache.errors import SaecacheError
-from saecache.harvest import harvest
+from saecache.core.errors import SaecacheError
+from saecache.harvest.loop import harvest
 from saecache.storage.cache import Cache
 from saecache.storage.layout import CacheLayout
-from saecache.storage.reader import (
+from saecache.train.reader import (
     Plan,
     PlainReader,
     PrefetchReader,

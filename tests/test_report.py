@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saecache.errors import SaecacheError
-from saecache.report import write_report
-from saecache.runs import snapshot_name
+from saecache.core.errors import SaecacheError
+from saecache.report.report import write_report
+from saecache.train.runfolder import snapshot_name
 
 FAMILY = "relu-x32-l1-0.0003"
 SISTER = "relu-x32-adaptive-l0-150"

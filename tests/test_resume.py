@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from saecache.harvest import harvest
+from saecache.harvest.loop import harvest
 from saecache.storage.cache import Cache
-from saecache.tiny import DEMO_TEXT
+from saecache.demo.tiny import DEMO_TEXT
 from tests.conftest import tree_digest, harvest_config
 
 # One sequence per block, so the harvest runs long enough to be killed in the middle.

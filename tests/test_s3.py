@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from saecache.errors import SaecacheError
-from saecache.harvest import harvest
+from saecache.core.errors import SaecacheError
+from saecache.harvest.loop import harvest
 from saecache.storage import layout as names
 from saecache.storage.cache import ATTR, Cache
 from saecache.storage.store import location_exists, parse_storage_options
-from saecache.train import TrainConfig, train
+from saecache.train.loop import TrainConfig, train
 from tests.conftest import harvest_config
 from tests.s3 import LocalBackend, S3Backend, free_port, s3_fixture, s3_server_fixture  # noqa: F401
 from tests.test_cli import assert_one_line_error, harvest_args, run

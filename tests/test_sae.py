@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from saecache.losses import LossOutput, default_aux_k, relu_l1_loss, topk_aux_loss
-from saecache.sae import SAE, ForwardOutput, SAEConfig
+from saecache.sae.losses import LossOutput, default_aux_k, relu_l1_loss, topk_aux_loss
+from saecache.sae.model import SAE, ForwardOutput, SAEConfig
 
 # ── a plain reference ────────────────────────────────────────────────────────────────────────
 

@@ -14,9 +14,9 @@ import torch
 from click.testing import CliRunner
 
 from saecache.cli import cli
-from saecache.sae import SAE
+from saecache.sae.model import SAE
 from saecache.storage.cache import Cache
-from saecache.train import TrainConfig, train
+from saecache.train.loop import TrainConfig, train
 from tests.test_cli import assert_one_line_error
 from tests.test_resume import kill_when
 

@@ -1,1 +1,1 @@
-"""The cache between the two stages: a Zarr v3 group, its layout, commit record and checks."""
+"""The cache between the stages: one Zarr v3 group of tokens, residuals, statistics and commit record."""

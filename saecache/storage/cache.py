@@ -22,7 +22,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 from saecache import __version__
-from saecache.errors import SaecacheError
+from saecache.core.errors import SaecacheError
 from saecache.storage import layout as names
 from saecache.storage import stats as stats_mod
 from saecache.storage.layout import CacheLayout

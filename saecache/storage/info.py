@@ -8,7 +8,7 @@ from saecache.storage import layout as names
 from saecache.storage.cache import Cache
 from saecache.storage.stats import LayerStats
 from saecache.storage.store import size_of
-from saecache.units import format_count, format_layers
+from saecache.core.units import format_count, format_layers
 
 
 def describe(cache: Cache) -> dict:

@@ -31,7 +31,7 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from saecache.errors import SaecacheError, first_line
+from saecache.core.errors import SaecacheError, first_line
 
 T = TypeVar("T")
 

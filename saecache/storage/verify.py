@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from saecache.storage import layout as names
-from saecache.errors import first_line
+from saecache.core.errors import first_line
 from saecache.storage.cache import Cache
 from saecache.storage.store import list_prefix
 

@@ -1,0 +1,1 @@
+"""`saecache report`: plots, tables and the loss-floor fit of a folder of runs."""

@@ -1,0 +1,1 @@
+"""Sparse autoencoders: the model, its architectures, losses and metrics (no I/O)."""

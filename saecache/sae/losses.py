@@ -1,0 +1,93 @@
+"""Training losses: ReLU SAEs with a decoder-norm-weighted L1 penalty, TopK SAEs with AuxK.
+
+Both take the batch x the SAE saw (already scaled by the trainer) and its :class:`ForwardOutput`,
+so that one forward pass serves the loss and the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn.functional import embedding_bag
+
+from saecache.sae.model import SAE, ForwardOutput, SAEConfig
+
+AUX_COEFF = 1 / 32
+"""Weight of the AuxK term in the TopK loss (Gao et al. 2024)."""
+
+
+class LossOutput(NamedTuple):
+    """One batch's loss and its parts."""
+
+    loss: Tensor
+    """Scalar to backpropagate."""
+    mse: Tensor
+    """Scalar, detached: mean over rows and dims of (x − x̂)²."""
+    sparsity: Tensor
+    """Scalar, detached: relu: mean over rows of Σ_i acts_i·||W_dec_i||₂ (unweighted by l1_coeff);
+    topk: 0."""
+    aux: Tensor
+    """Scalar, detached: topk: the AuxK loss before aux_coeff; relu: 0."""
+
+
+def relu_l1_loss(sae: SAE, x: Tensor, out: ForwardOutput, l1_coeff: float) -> LossOutput:
+    """Anthropic's April 2024 loss for ReLU SAEs, decoder norms in the penalty (not constrained):
+
+        loss = mean_n( Σ_j (x_nj − x̂_nj)² ) / d  +  l1_coeff · mean_n( Σ_i f_ni · ||W_dec_i||₂ )
+
+    where n runs over the N rows, j over the d dims and i over the F features. The first term is
+    the plain mean of (x − x̂)² over all N·d entries.
+    """
+    mse = (x - out.x_hat).pow(2).mean()
+    sparsity = (out.acts @ sae.decoder_norms()).mean()  # (N, F) @ (F,) → (N,) → scalar
+    loss = mse + l1_coeff * sparsity
+    return LossOutput(loss, mse.detach(), sparsity.detach(), torch.zeros_like(mse).detach())
+
+
+def default_aux_k(cfg: SAEConfig) -> int:
+    """The AuxK width used unless the caller says otherwise: min(F // 2, d // 2), at least 1."""
+    return max(1, min(cfg.n_features // 2, cfg.d // 2))
+
+
+def topk_aux_loss(sae: SAE, x: Tensor, out: ForwardOutput, dead: Tensor, aux_k: int,
+                  aux_coeff: float = AUX_COEFF) -> LossOutput:
+    """Gao et al. 2024's TopK loss: mse + aux_coeff · aux, with
+
+        mse = mean over rows and dims of (x − x̂)²
+        e   = x − x̂, detached: the residual error, the AuxK target
+        ê   = Σ over the aux_k largest pre_acts among DEAD features (ReLU'd) of f_i · W_dec_i,
+              with no b_dec
+        aux = Σ_n ||e_n − ê_n||² / Σ_n ||e_n − mean_n(e)||²   (summed over the batch)
+
+    and aux = 0 when `dead` (F,) bool marks no feature. Fewer than aux_k dead features: all
+    of them are used. A batch whose errors have no variance (e.g. a single row) gives aux = 0.
+    No host sync: the caller may skip the call when it knows that nothing is dead.
+    """
+    if aux_k < 1:
+        raise ValueError(f"aux_k must be at least 1, got {aux_k}")
+    diff = x - out.x_hat  # (N, d)
+    mse = diff.pow(2).mean()
+    aux = _aux_term(sae, diff.detach(), out.pre_acts, dead, aux_k)
+    loss = mse + aux_coeff * aux
+    return LossOutput(loss, mse.detach(), torch.zeros_like(mse).detach(), aux.detach())
+
+
+def _aux_term(sae: SAE, e: Tensor, pre_acts: Tensor, dead: Tensor, aux_k: int) -> Tensor:
+    """The AuxK ratio (scalar) for residual error e (N, d); see :func:`topk_aux_loss`."""
+    dead = dead.to(device=pre_acts.device, dtype=torch.bool)
+    if dead.shape != pre_acts.shape[-1:]:
+        raise ValueError(f"dead mask has shape {tuple(dead.shape)}, expected "
+                         f"({pre_acts.shape[-1]},)")
+    k = min(aux_k, pre_acts.shape[-1])
+    live_masked = pre_acts.masked_fill(~dead, float("-inf"))  # (N, F): live features never chosen
+    values, indices = torch.topk(live_masked, k, dim=-1, sorted=False)  # (N, k) each
+    weights = torch.relu(values).to(sae.W_dec.dtype)  # -inf (live, picked for want of dead) → 0
+    # Sparse decode Σ_k w_nk · W_dec[idx_nk] without the (N, F) dense matmul or an (N, k, d) gather.
+    e_hat = embedding_bag(indices, sae.W_dec, per_sample_weights=weights, mode="sum")  # (N, d)
+    num = (e - e_hat).pow(2).sum()
+    den = (e - e.mean(dim=0)).pow(2).sum()
+    ok = den > 0
+    aux = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+    return aux * dead.any()  # 0 when nothing is dead, without asking the host
