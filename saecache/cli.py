@@ -256,12 +256,12 @@ def train(cache, layers, snapshots, device, storage_option, **options):
 def eval_(runs, device, storage_option, **options):
     """CE loss recovered, KL, L0, MSE, FVU, dead/dense fractions of each run in RUNS,
     spliced into the model on the cache's held-out sequences; written to eval.json."""
-    from saecache.evaluate.splice import EvalConfig, evaluate
+    from saecache.evaluate.runs import EvalConfig, evaluate_runs
     from saecache.harvest.loop import default_device
 
     cfg = EvalConfig(runs=runs, device=_check_device(device or default_device()),
                      storage_options=_storage_options(storage_option), **options)
-    for run, data in evaluate(cfg).items():
+    for run, data in evaluate_runs(cfg).items():
         for name, r in data["snapshots"].items():
             click.echo(f"{run.name} {name}: CE loss recovered {r['ce_loss_recovered']:.3f} "
                        f"(clean {r['ce_clean']:.3f}, SAE {r['ce_spliced']:.3f}, zero {r['ce_zero']:.3f}), "

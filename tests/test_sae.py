@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from saecache.sae.losses import LossOutput, default_aux_k, relu_l1_loss, topk_aux_loss
+from tests.reference import default_aux_k
+from saecache.sae.losses import LossOutput, relu_l1_loss, topk_aux_loss
 from saecache.sae.model import SAE, ForwardOutput, SAEConfig
 
 # ── a plain reference ────────────────────────────────────────────────────────────────────────

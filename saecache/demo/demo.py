@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saecache.harvest.corpus import DatasetSpec
-from saecache.evaluate.splice import EvalConfig, evaluate
+from saecache.evaluate.runs import EvalConfig, evaluate_runs
 from saecache.harvest.loop import HarvestConfig, harvest
 from saecache.report.report import write_report
 from saecache.storage.info import describe, format_info
@@ -49,7 +49,7 @@ def run_demo(out: str | Path, device: str) -> str:
     report = [format_info(describe(cache)), ""]
     for run in train(demo_train_config(out, device)):
         report.append(f"{run.paths.dir.name}: {run.summary()}")
-    for run, data in evaluate(EvalConfig(runs=str(out / "runs"), device=device)).items():
+    for run, data in evaluate_runs(EvalConfig(runs=str(out / "runs"), device=device)).items():
         r = next(v for name, v in data["snapshots"].items() if name.endswith("_final.pt"))
         report.append(f"{run.name}: CE loss recovered {r['ce_loss_recovered']:.3f} (CE clean "
                       f"{r['ce_clean']:.3f}, spliced {r['ce_spliced']:.3f}, zero-ablated "

@@ -1,4 +1,4 @@
-"""`saecache eval`: splice each SAE into the model at its layer on the cache's held-out sequences.
+"""Splice an SAE into the model at its layer: CE loss recovered, KL and the SAE's own metrics.
 
 For every batch of held-out sequences (read from the cache's ``tokens``, never re-tokenised)
 three forwards run: clean; with the block's output replaced by the SAE's reconstruction
@@ -8,54 +8,22 @@ three forwards run: clean; with the block's output replaced by the SAE's reconst
     KL = mean over predicted tokens of KL(p_clean ‖ p_spliced)
 
 and, from the SAE on the same residuals (raw units), L0, MSE, FVU, dead and dense fractions.
-Results go to ``eval.json`` beside the run, keyed by snapshot file name.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saecache.core.errors import SaecacheError
-from saecache.core.devices import default_device
 from saecache.sae.metrics import RunningMetrics
-from saecache.harvest.models import find_blocks, load_model
-from saecache.train.runfolder import RunPaths, atomic_write, read_json
 from saecache.sae.model import SAE
-from saecache.storage.cache import Cache
-from saecache.train.reader import heldout_seqs
 
 DENSE_THRESHOLD = 0.1  # a feature firing on more than 10% of tokens is dense
-
-
-@dataclass
-class EvalConfig:
-    """What `saecache eval` evaluates, and how."""
-
-    runs: str
-    """A run folder, or a RUNS folder holding run folders."""
-    model: str | None = None
-    """Model to splice into (None: the model the cache was harvested from)."""
-    cache: str | None = None
-    """Cache holding the held-out tokens (None: where run.json says)."""
-    snapshot: str = "final"
-    """Which snapshot: final, all, or a name such as 50M."""
-    max_seqs: int | None = None
-    """Held-out sequences to use (None: all of them)."""
-    batch_size: int = 8
-    """Sequences per forward."""
-    device: str = field(default_factory=default_device)
-    """torch device."""
-    storage_options: dict = field(default_factory=dict)
-    """fsspec options for a URL cache."""
 
 
 class SpliceResult(NamedTuple):
@@ -150,78 +118,3 @@ def evaluate_sae(model: nn.Module, block: nn.Module, sae: SAE, tokens: torch.Ten
     return SpliceResult(ce_clean, ce_spliced, ce_zero, ce_loss_recovered(ce_clean, ce_spliced, ce_zero),
                         kl, m.l0, m.mse, m.fvu, float((fired == 0).double().mean()),
                         float((frequency > DENSE_THRESHOLD).double().mean()), m.tokens)
-
-
-# ---- over run folders -------------------------------------------------------------------------
-
-
-def run_folders(root: str | Path) -> list[Path]:
-    """The run folders at ``root`` (itself, or its sub-folders holding run.json)."""
-    root = Path(root)
-    if RunPaths(root).config.exists():
-        return [root]
-    found = sorted(p.parent for p in root.glob(f"*/{RunPaths(root).config.name}"))
-    if not found:
-        raise SaecacheError(f"no runs in {root}: give a run folder or a RUNS folder from saecache train")
-    return found
-
-
-def snapshots_of(run: Path, which: str) -> list[Path]:
-    """Snapshot files of a run: ``final``, ``all``, or one by name (``50M`` or the file name)."""
-    files = RunPaths(run).snapshots()
-    if not files:
-        raise SaecacheError(f"run {run} has no snapshots: train it first")
-    if which == "all":
-        return files
-    chosen = [f for f in files if f.name == which or f.stem.rsplit("_", 1)[1] == which]
-    if not chosen:
-        names = ", ".join(f.stem.rsplit("_", 1)[1] for f in files)
-        raise SaecacheError(f"run {run} has no snapshot {which!r} (it has {names})")
-    return chosen
-
-
-def evaluate(cfg: EvalConfig) -> dict[Path, dict]:
-    """Evaluate the chosen snapshot(s) of every run; returns {run: eval.json contents}."""
-    runs = run_folders(cfg.runs)
-    plans = [(run, read_json(RunPaths(run).config), snapshots_of(run, cfg.snapshot)) for run in runs]
-    models: dict[tuple, nn.Module] = {}
-    results = {}
-    for run, record, snapshots in plans:
-        model_id = cfg.model or record["cache"]["model"]
-        key = (model_id, record["cache"]["revision"], record["cache"]["dtype"])
-        if key not in models:
-            models = {key: load_model(model_id, key[1], key[2], cfg.device)}  # one model at a time
-        results[run] = _evaluate_run(cfg, run, record, snapshots, models[key], model_id)
-    return results
-
-
-def _evaluate_run(cfg: EvalConfig, run: Path, record: dict, snapshots: list[Path],
-                  model: nn.Module, model_id: str) -> dict:
-    layer, d = record["spec"]["layer"], record["cache"]["d"]
-    if model.config.hidden_size != d:
-        raise SaecacheError(f"run {run} has SAEs of width d={d}, but {model_id} has d="
-                            f"{model.config.hidden_size}: pass the model its cache was harvested from")
-    tokens = _heldout_tokens(cfg, record).to(cfg.device)
-    _, blocks = find_blocks(model, model.config.num_hidden_layers)
-    path = RunPaths(run).eval
-    data = json.loads(path.read_text()) if path.exists() else {"snapshots": {}}
-    data["model"] = model_id
-    for snapshot in snapshots:
-        state = torch.load(snapshot, map_location="cpu", weights_only=True)
-        sae = SAE.from_snapshot(state, device=cfg.device)
-        result = evaluate_sae(model, blocks[layer], sae, tokens, cfg.batch_size)
-        data["snapshots"][snapshot.name] = {"tokens_seen": state["cfg"].get("tokens_seen"),
-                                            **result._asdict()}
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
-    return data
-
-
-def _heldout_tokens(cfg: EvalConfig, record: dict) -> torch.Tensor:
-    """(N, ctx) int64: the cache's held-out sequences, as the run left them out."""
-    location = cfg.cache or record.get("cache_location")
-    if location is None:
-        raise SaecacheError("run.json does not say where the run's cache is: pass --cache")
-    cache = Cache.open(location, storage_options=cfg.storage_options)
-    seqs = heldout_seqs(cache.layout, record["train"]["holdout_fraction"])
-    stop = seqs.stop if cfg.max_seqs is None else min(seqs.stop, seqs.start + cfg.max_seqs)
-    return torch.from_numpy(cache.tokens[seqs.start:stop]).long()

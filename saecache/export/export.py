@@ -147,7 +147,7 @@ def _not_a_run(path: Path) -> str:
 
 def _snapshot_files(paths: RunPaths, layer: int) -> dict[str, Path]:
     found = {}
-    for path in paths.snapshots():
+    for path in (s.path for s in paths.snapshots()):
         match = _SNAPSHOT_FILE.match(path.name)
         if match and int(match.group(1)) == layer:
             found[match.group(2)] = path

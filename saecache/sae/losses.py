@@ -6,13 +6,14 @@ so that one forward pass serves the loss and the metrics.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn.functional import embedding_bag
 
-from saecache.sae.model import SAE, ForwardOutput, SAEConfig
+if TYPE_CHECKING:  # the model imports the architectures, which import these losses
+    from saecache.sae.model import SAE, ForwardOutput
 
 AUX_COEFF = 1 / 32
 """Weight of the AuxK term in the TopK loss (Gao et al. 2024)."""
@@ -44,11 +45,6 @@ def relu_l1_loss(sae: SAE, x: Tensor, out: ForwardOutput, l1_coeff: float) -> Lo
     sparsity = (out.acts @ sae.decoder_norms()).mean()  # (N, F) @ (F,) → (N,) → scalar
     loss = mse + l1_coeff * sparsity
     return LossOutput(loss, mse.detach(), sparsity.detach(), torch.zeros_like(mse).detach())
-
-
-def default_aux_k(cfg: SAEConfig) -> int:
-    """The AuxK width used unless the caller says otherwise: min(F // 2, d // 2), at least 1."""
-    return max(1, min(cfg.n_features // 2, cfg.d // 2))
 
 
 def topk_aux_loss(sae: SAE, x: Tensor, out: ForwardOutput, dead: Tensor, aux_k: int,

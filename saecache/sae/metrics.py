@@ -23,37 +23,6 @@ def _sq_error(x: Tensor, x_hat: Tensor) -> Tensor:
     return (_rows(x) - _rows(x_hat)).pow(2).sum()
 
 
-def _total_variance(x: Tensor) -> Tensor:
-    """Σ_n ||x_n − mean_n(x)||² (float64 scalar tensor)."""
-    rows = _rows(x)
-    return (rows - rows.mean(dim=0)).pow(2).sum()
-
-
-def mse(x: Tensor, x_hat: Tensor) -> float:
-    """Mean squared error: mean over N rows and d dims of (x − x̂)², Σ||x − x̂||² / (N·d)."""
-    return (_sq_error(x, x_hat) / x.numel()).item()
-
-
-def fvu(x: Tensor, x_hat: Tensor) -> float:
-    """Fraction of variance unexplained: Σ_n ||x_n − x̂_n||² / Σ_n ||x_n − x̄||², x̄ = mean_n(x).
-
-    0 for a perfect reconstruction, 1 for x̂ = x̄; NaN when x has no variance (all rows equal).
-    """
-    den = _total_variance(x)
-    return (_sq_error(x, x_hat) / den).item() if den > 0 else float("nan")
-
-
-def explained_variance(x: Tensor, x_hat: Tensor) -> float:
-    """Fraction of variance explained: 1 − fvu(x, x̂)."""
-    return 1.0 - fvu(x, x_hat)
-
-
-def l0(acts: Tensor) -> float:
-    """Mean over rows of the number of nonzero activations: count_nonzero(acts) / N."""
-    rows = acts.reshape(-1, acts.shape[-1]).shape[0]
-    return torch.count_nonzero(acts).item() / rows
-
-
 class FiringStats:
     """Which of F features fired, counted on the device without host syncs in :meth:`update`.
 

@@ -1,11 +1,11 @@
-"""Sparse autoencoders: the ReLU (L1-penalised) and TopK architectures, and their snapshots.
+"""A sparse autoencoder's parameters, forward pass and snapshots (architectures: sae.archs).
 
     f = act((x − b_dec·apply_b_dec_to_input) @ W_enc + b_enc)      # (N, F)
     x̂ = f @ W_dec + b_dec                                         # (N, d)
 
 The trainer feeds scaled activations x' = scale·x (so that their size does not depend on the
 layer); :meth:`SAE.snapshot` folds the scale back into the weights, so a snapshot runs on raw
-activations with the plain forward pass above (DESIGN.md, "Stage two").
+activations with the plain forward pass above (docs/cache-format.md, "Snapshots").
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-ARCHS = ("relu", "topk")
-"""Architectures an SAE can have: "relu" (trained with an L1 penalty) or "topk"."""
-
-RELU_INIT_NORM = 0.1
-"""Decoder row norm at initialisation for ReLU SAEs (Anthropic, April 2024 update)."""
+from saecache.sae.archs import arch_of
 
 SNAPSHOT_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 """Tensor keys of a snapshot dict; its configuration is under "cfg"."""
@@ -43,7 +39,7 @@ class SAEConfig:
     n_features: int
     """F, the number of dictionary features (d × expansion factor)."""
     arch: str = "relu"
-    """"relu" (ReLU activation, L1 penalty on the activations) or "topk" (k largest kept)."""
+    """A name in sae.archs.ARCHS: "relu" (L1 penalty on the activations) or "topk" (k largest kept)."""
     k: int | None = None
     """Active features per token for "topk" (1 ≤ k ≤ n_features); must be None for "relu"."""
     apply_b_dec_to_input: bool = False
@@ -54,14 +50,7 @@ class SAEConfig:
             raise ValueError(f"d must be a positive integer, got {self.d!r}")
         if not _is_int(self.n_features) or self.n_features < 1:
             raise ValueError(f"n_features must be a positive integer, got {self.n_features!r}")
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.arch == "topk":
-            if not _is_int(self.k) or not 1 <= self.k <= self.n_features:
-                raise ValueError(f"arch 'topk' needs k with 1 <= k <= n_features "
-                                 f"({self.n_features}), got k={self.k!r}")
-        elif self.k is not None:
-            raise ValueError(f"k is only for arch 'topk'; arch {self.arch!r} got k={self.k!r}")
+        arch_of(self.arch).check(self)  # ValueError naming arch or k
         if not isinstance(self.apply_b_dec_to_input, bool):
             raise ValueError(f"apply_b_dec_to_input must be a bool, "
                              f"got {self.apply_b_dec_to_input!r}")
@@ -96,13 +85,14 @@ class SAE(nn.Module):
     def initialized(cls, cfg: SAEConfig, seed: int, device=None, dtype=torch.float32) -> SAE:
         """A fresh SAE, identical for the same seed on any device.
 
-        W_dec rows are Gaussian directions scaled to norm 0.1 (relu) or 1 (topk); W_enc is a
+        W_dec rows are Gaussian directions scaled to the architecture's ``init_norm`` (0.1 for
+        relu, 1 for topk); W_enc is a
         copy of W_dec.T; both biases are zero. The draw uses its own CPU generator, so the
         global RNG is untouched and the result does not depend on the device.
         """
         gen = torch.Generator(device="cpu").manual_seed(seed)
         rows = torch.randn(cfg.n_features, cfg.d, generator=gen, dtype=torch.float64)  # (F, d)
-        norm = RELU_INIT_NORM if cfg.arch == "relu" else 1.0
+        norm = arch_of(cfg.arch).init_norm
         rows = rows * (norm / rows.norm(dim=1, keepdim=True))
         sae = cls(cfg, device=device, dtype=dtype)
         with torch.no_grad():
@@ -115,9 +105,7 @@ class SAE(nn.Module):
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         pre_acts = x @ self.W_enc + self.b_enc  # (N, F)
-        if self.cfg.arch == "relu":
-            return torch.relu(pre_acts), pre_acts
-        return topk_relu(pre_acts, self.cfg.k), pre_acts
+        return arch_of(self.cfg.arch).activate(pre_acts, self.cfg), pre_acts
 
     def decode(self, acts: Tensor) -> Tensor:
         """x̂ (N, d) from acts (N, F)."""
@@ -199,12 +187,6 @@ class SAE(nn.Module):
                                      f"F={cfg['F']}")
                 param.copy_(state[key])
         return sae
-
-
-def topk_relu(pre_acts: Tensor, k: int) -> Tensor:
-    """(N, F): the k largest pre_acts of each row, ReLU'd, and zeros elsewhere."""
-    values, indices = torch.topk(pre_acts, k, dim=-1, sorted=False)  # (N, k) each
-    return torch.zeros_like(pre_acts).scatter(-1, indices, torch.relu(values))
 
 
 def _check_scale(scale: float) -> float:

@@ -1,100 +1,216 @@
-"""Names and paths of training runs: one folder per (layer, configuration) under RUNS.
+"""A run folder: one typed model of what `saecache train` writes, read by eval, report and export.
 
-Every path a run uses is computed here and nowhere else.
+    RUNS/layer05-relu-x32-l1-0.0003/        one folder per (layer, configuration): RunSpec.name
+        run.json                            RunRecord: spec, train settings, cache identity, scale
+        metrics.jsonl                       one JSON object per metrics line or snapshot
+        eval.json                           written by `saecache eval`
+        sae_layer05_50M.pt … _final.pt      snapshots (Snapshot)
+        checkpoints/step000012207.pt        the latest two checkpoints
+
+Every path and file name of a run is computed here and nowhere else.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
+from saecache.core.atomic import read_json, read_jsonl, write_json
 from saecache.core.errors import SaecacheError
-from saecache.core.units import format_count
+from saecache.core.units import format_count, parse_count
+from saecache.sae.spec import RunSpec
 
-DEFAULT_ADAPTIVE_START = 5e-4  # the model card's adaptive run starts at 5e-4
-_ADAPTIVE = re.compile(r"^adaptive:([0-9.eE+-]+)(?::([0-9.eE+-]+))?$")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What distinguishes one SAE from its sister runs."""
-
-    layer: int
-    """Block whose output the SAE reconstructs."""
-    arch: str
-    """relu (L1 penalty) or topk."""
-    expansion: int
-    """F = expansion × d."""
-    l1: float | None = None
-    """L1 coefficient (relu): fixed, or the starting value when adaptive."""
-    target_l0: float | None = None
-    """Adaptive runs: the L0 the controller steers toward (None: fixed coefficient)."""
-    k: int | None = None
-    """Active features per token (topk)."""
-
-    @property
-    def name(self) -> str:
-        """Folder name: layer05-relu-x32-l1-3e-4, layer05-relu-x32-adaptive-l0-150, layer05-topk-x32-k64."""
-        head = f"layer{self.layer:02d}-{self.arch}-x{self.expansion}"
-        if self.arch == "topk":
-            return f"{head}-k{self.k}"
-        if self.target_l0 is not None:
-            return f"{head}-adaptive-l0-{self.target_l0:g}"
-        return f"{head}-l1-{self.l1:g}"
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def parse_l1(text: str) -> tuple[float, float | None]:
-    """``3e-4`` → (3e-4, None); ``adaptive:150`` → (5e-4, 150.0); ``adaptive:150:1e-3`` → (1e-3, 150.0)."""
-    match = _ADAPTIVE.match(text.strip())
-    try:
-        if match:
-            target = float(match.group(1))
-            start = float(match.group(2)) if match.group(2) else DEFAULT_ADAPTIVE_START
-            if target <= 0 or start <= 0:
-                raise ValueError
-            return start, target
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"--l1 {text!r} is not a coefficient: write 3e-4, adaptive:150 or "
-                         "adaptive:150:5e-4 (target L0, then starting coefficient)") from None
-    if value < 0:
-        raise ValueError(f"--l1 {text!r} is negative")
-    return value, None
+RUN_FILE, METRICS_FILE, EVAL_FILE, CHECKPOINTS = "run.json", "metrics.jsonl", "eval.json", "checkpoints"
+FINAL = "final"
+_SNAPSHOT_FILE = re.compile(r"^sae_layer(\d{2,})_([0-9]+[KMBT]?|final)\.pt$")
 
 
 def snapshot_name(layer: int, tokens: int | None) -> str:
     """``sae_layer05_50M.pt``; ``tokens=None`` gives the ``final`` snapshot."""
-    return f"sae_layer{layer:02d}_{'final' if tokens is None else format_count(tokens)}.pt"
+    return f"sae_layer{layer:02d}_{FINAL if tokens is None else format_count(tokens)}.pt"
 
 
-class RunPaths:
-    """Where one run's files live, given its folder."""
+def snapshot_label(text: str) -> str:
+    """A snapshot as a user names it (``16k``, ``16000``, ``final``, the file name) → its label."""
+    text = str(text).strip()
+    match = _SNAPSHOT_FILE.match(text)
+    if match:
+        return match.group(2)
+    if text.lower() == FINAL:
+        return FINAL
+    try:
+        return format_count(parse_count(text))
+    except ValueError:
+        return text
+
+
+class Snapshot(NamedTuple):
+    """One ``sae_layer{LL}_{SNAP}.pt`` file of a run."""
+
+    layer: int
+    label: str
+    """``50M``, ``16K`` or ``final``."""
+    path: Path
+
+    @classmethod
+    def parse(cls, path: Path) -> Snapshot | None:
+        """The snapshot a file is, by its name (None for any other file)."""
+        match = _SNAPSHOT_FILE.match(path.name)
+        return cls(int(match.group(1)), match.group(2), path) if match else None
+
+    @property
+    def tokens(self) -> int | None:
+        """Tokens seen when it was saved (None: the final snapshot)."""
+        return None if self.label == FINAL else parse_count(self.label)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Sort key: by tokens, the final snapshot last."""
+        return (1, 0) if self.tokens is None else (0, self.tokens)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """run.json: what a run was trained from and with; a resumed run must match it exactly."""
+
+    spec: RunSpec
+    """Layer, architecture, expansion and sparsity."""
+    train: dict
+    """TrainConfig.identity(): hyper-parameters, seed, batch-order settings."""
+    cache: dict
+    """The cache's provenance identity and layout (storage.provenance.identity)."""
+    scale: float
+    """Input scale √d / E‖x‖ from the cache's statistics."""
+    cache_location: str | None = None
+    """Where the cache was when the run started (informative: caches move)."""
+
+    @property
+    def model(self) -> str:
+        return self.cache["model"]
+
+    def identity(self) -> dict:
+        """Everything a resumed run must match (the cache's location aside)."""
+        return {"spec": self.spec.to_json(), "train": self.train, "cache": self.cache,
+                "scale": self.scale}
+
+    def to_json(self) -> dict:
+        return {**self.identity(), "cache_location": self.cache_location}
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path) -> RunRecord:
+        """The record in ``data`` (read from ``path``); one line when it is not one."""
+        try:
+            if not all(isinstance(data.get(key), dict) for key in ("spec", "train", "cache")):
+                raise TypeError
+            return cls(RunSpec.from_json(data["spec"]), data["train"], data["cache"],
+                       float(data["scale"]), data.get("cache_location"))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise SaecacheError(f"{path} is not a saecache run record (spec, train, cache): was "
+                                "this run written by saecache train?") from None
+
+
+class RunFolder:
+    """Where one run's files live, and their typed readers."""
 
     def __init__(self, folder: str | Path):
         self.dir = Path(folder)
-        self.config = self.dir / "run.json"
-        self.metrics = self.dir / "metrics.jsonl"
-        self.eval = self.dir / "eval.json"
-        self.checkpoints = self.dir / "checkpoints"
+        self.config = self.dir / RUN_FILE
+        self.metrics = self.dir / METRICS_FILE
+        self.eval = self.dir / EVAL_FILE
+        self.checkpoints = self.dir / CHECKPOINTS
 
     @classmethod
-    def of(cls, root: str | Path, spec: RunSpec) -> RunPaths:
+    def of(cls, root: str | Path, spec: RunSpec) -> RunFolder:
         """The folder of ``spec`` under RUNS."""
         return cls(Path(root) / spec.name)
 
-    def snapshots(self) -> list[Path]:
-        """The run's snapshot files, sorted by name."""
-        return sorted(self.dir.glob("sae_layer*_*.pt"))
+    @classmethod
+    def open(cls, folder: str | Path) -> RunFolder:
+        """An existing run folder; one line saying what ``folder`` is otherwise."""
+        run = cls(folder)
+        if not run.is_run:
+            raise SaecacheError(_not_a_run(run.dir))
+        return run
 
-    def snapshot(self, layer: int, tokens: int | None) -> Path:
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.dir)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunFolder) and self.dir == other.dir
+
+    def __hash__(self) -> int:
+        return hash(self.dir)
+
+    # ---- run.json ----------------------------------------------------------------------------
+
+    def record(self) -> RunRecord:
+        return RunRecord.from_json(read_json(self.config), self.config)
+
+    def write_record(self, record: RunRecord) -> None:
+        write_json(self.config, record.to_json())
+
+    # ---- snapshots ---------------------------------------------------------------------------
+
+    def snapshot_path(self, layer: int, tokens: int | None) -> Path:
         return self.dir / snapshot_name(layer, tokens)
+
+    def snapshots(self) -> list[Snapshot]:
+        """The run's snapshot files, by tokens, the final one last."""
+        found = (Snapshot.parse(p) for p in self.dir.glob("sae_layer*_*.pt"))
+        return sorted((s for s in found if s is not None), key=lambda s: (s.order, s.layer))
+
+    def snapshot(self, which: str) -> Snapshot:
+        """The snapshot called ``which`` (16k, 16K, 16000, final or its file name)."""
+        snapshots = self._existing_snapshots()
+        label = snapshot_label(which)
+        chosen = [s for s in snapshots if s.label == label]
+        if not chosen:
+            raise SaecacheError(f"run {self.dir} has no snapshot {which!r} (it has "
+                                f"{', '.join(s.label for s in snapshots)})")
+        return chosen[-1]
+
+    def select(self, which: str) -> list[Snapshot]:
+        """``all`` snapshots, or the one called ``which``."""
+        return self._existing_snapshots() if which == "all" else [self.snapshot(which)]
+
+    def _existing_snapshots(self) -> list[Snapshot]:
+        snapshots = self.snapshots()
+        if not snapshots:
+            raise SaecacheError(f"run {self.dir} has no snapshots: train it first")
+        return snapshots
+
+    # ---- metrics and evaluation ----------------------------------------------------------------
+
+    def metrics_lines(self) -> list[dict]:
+        """metrics.jsonl's lines ([] before the first)."""
+        return read_jsonl(self.metrics) if self.metrics.is_file() else []
+
+    def heldout_line(self, snapshot: Snapshot) -> dict | None:
+        """The held-out metrics line written with ``snapshot``, if any."""
+        found = [m for m in self.metrics_lines() if m.get("split") == "heldout"
+                 and m.get("snapshot") == snapshot.path.name]
+        return found[-1] if found else None
+
+    def eval_results(self) -> dict:
+        """eval.json's ``snapshots``: snapshot file name → results ({} before any eval)."""
+        if not self.eval.is_file():
+            return {}
+        results = read_json(self.eval).get("snapshots")
+        if not isinstance(results, dict):
+            raise SaecacheError(f"{self.eval} has no 'snapshots' table: run saecache eval again")
+        return results
+
+    # ---- checkpoints -------------------------------------------------------------------------
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step{step:09d}.pt"
@@ -106,47 +222,33 @@ class RunPaths:
         return sorted(int(p.stem[4:]) for p in self.checkpoints.glob("step*.pt"))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def find_runs(root: str | Path) -> list[RunFolder]:
+    """The runs at ``root``: itself if it is a run folder, else its sub-folders holding run.json."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SaecacheError(f"{root} is not a folder: give a run folder or the RUNS folder of "
+                            "`saecache train --out`")
+    if RunFolder(root).is_run:
+        return [RunFolder(root)]
+    runs = sorted((RunFolder(p) for p in root.iterdir() if RunFolder(p).is_run), key=lambda r: r.name)
+    if not runs:
+        raise SaecacheError(f"no runs in {root}: expected a run folder or sub-folders holding "
+                            f"{RUN_FILE} (the --out folder of `saecache train`)")
+    return runs
 
 
-_UMASK = _umask()
+def _not_a_run(path: Path) -> str:
+    if not path.is_dir():
+        return f"run folder {path} does not exist"
+    inside = sorted(p.name for p in path.iterdir() if RunFolder(p).is_run)
+    if inside:
+        shown = ", ".join(inside[:4]) + (", …" if len(inside) > 4 else "")
+        return f"{path} is a RUNS folder, not a run: pass its run folders ({shown})"
+    return f"{path} is not a saecache run folder (no {RUN_FILE}): pass RUNS/<run> folders"
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(file_object)`` to a temporary file, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+# ---- transitional names, removed once report/ and export/ read runs through RunFolder ----------
+from saecache.core.atomic import atomic_write, read_jsonl as read_metrics  # noqa: E402,F401
+from saecache.sae.archs import parse_l1  # noqa: E402,F401
 
-
-def write_json(path: Path, data) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SaecacheError(f"cannot read {path}: {err}") from None
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The lines of a ``metrics.jsonl``; a half-written last line (a run being killed) is dropped."""
-    lines = []
-    for text in Path(path).read_text().splitlines():
-        if text.strip():
-            try:
-                lines.append(json.loads(text))
-            except json.JSONDecodeError:
-                continue
-    return lines
+RunPaths = RunFolder

@@ -178,7 +178,7 @@ class Run:
             tokens_seen=tokens_seen, input_scale=self.identity.scale,
             model=self.identity.cache["model"], dataset=self.identity.cache["dataset"],
             ctx=self.identity.cache["ctx"], run=self.spec.name)
-        path = self.paths.snapshot(self.spec.layer, tokens)
+        path = self.paths.snapshot_path(self.spec.layer, tokens)
         atomic_write(path, lambda f: torch.save(state, f))
         self._append({"step": step + 1, "tokens": tokens_seen, "split": "heldout",
                       "snapshot": snapshot_name(self.spec.layer, tokens), **self.evaluate(heldout)})
