@@ -15,6 +15,7 @@ import functools
 import inspect
 import math
 import textwrap
+import typing
 from typing import Any
 
 _META = "saecache"
@@ -79,12 +80,23 @@ def flag_of(field: dataclasses.Field) -> str:
 
 def validate(config: Any) -> None:
     """Raise ValueError naming the option and the value of the first field that breaks its rule."""
+    whole = _integer_fields(type(config))
     for field in dataclasses.fields(config):
         values = getattr(config, field.name)
         for value in values if isinstance(values, tuple) else (values,):
             problem = rule_of(field).problem(value)
+            if problem is None and field.name in whole and isinstance(value, float):
+                problem = f"must be a whole number, not {value!r}"
             if problem:
                 raise ValueError(f"{flag_of(field)} {problem}")
+
+
+@functools.cache
+def _integer_fields(cls: type) -> frozenset[str]:
+    """Fields annotated int, int | None or tuple[int, ...]."""
+    hints = typing.get_type_hints(cls)
+    return frozenset(name for name, hint in hints.items()
+                     if hint is int or int in typing.get_args(hint) and str not in typing.get_args(hint))
 
 
 @functools.cache

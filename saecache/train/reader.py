@@ -26,7 +26,6 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,38 +40,9 @@ from saecache.core.errors import SaecacheError
 from saecache.storage.cache import Cache
 from saecache.storage.layout import CacheLayout
 from saecache.storage.store import run
+from saecache.train.config import ReaderConfig
 
 CRC_BYTES = 4  # zarr's crc32c codec appends the checksum as one little-endian uint32
-
-
-# ----------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class ReaderConfig:
-    """How stage two reads one layer of a cache."""
-
-    batch_size: int = 4096
-    """Rows (tokens) per training batch."""
-    seed: int = 0
-    """Seeds the chunk order and the row shuffle; with the layer it fixes every batch."""
-    mix_chunks: int = 8
-    """Chunks whose rows are shuffled together (the shuffle buffer, in chunks)."""
-    threads: int = 8
-    """Worker threads reading chunks in parallel (PrefetchReader)."""
-    prefetch_groups: int = 2
-    """Groups of ``mix_chunks`` chunks read ahead of the one being consumed (PrefetchReader)."""
-    holdout_fraction: float = 0.01
-    """Fraction of blocks, at the end of the cache, held out of training (at least one)."""
-
-    def __post_init__(self):
-        for name in ("batch_size", "mix_chunks", "threads", "prefetch_groups"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be non-negative, not {self.seed}")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in [0, 1), not {self.holdout_fraction}")
 
 
 # ----------------------------------------------------------------------------- held-out split
