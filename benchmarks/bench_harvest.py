@@ -26,7 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from saecache.harvest.corpus import DatasetSpec
-from saecache.harvest.loop import HarvestConfig, harvest
+from saecache.harvest.config import HarvestConfig
+from saecache.harvest.loop import harvest
 from saecache.harvest.models import DTYPES
 from saecache.demo.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model
 from saecache.core.units import parse_count

@@ -2,7 +2,7 @@
 
 In one run on one machine, for 1 run and for 3 sister runs (L1 3e-4, 8e-5, adaptive:150):
 
-    limit      Run.step on a batch that already lives on the device, repeated (no data path)
+    limit      SAETrainer.step on a batch that already lives on the device, repeated (no data path)
     train      saecache's training loop reading the cache (page cache warm): tokens/s of the
                whole loop, and the fraction of step time spent waiting for data
 
@@ -23,19 +23,20 @@ import torch
 
 from synthetic_cache import LAYER, make_cache  # benchmarks/ is on sys.path when run as a script
 
-from saecache.train.trainer import Run, RunIdentity
-from saecache.train.runfolder import RunPaths
-from saecache.train.loop import TrainConfig, train
+from saecache.train.config import ReaderConfig, TrainConfig
+from saecache.train.loop import train
+from saecache.train.trainer import SAETrainer
 
 SISTERS = ("3e-4", "8e-5", "adaptive:150")
 
 
 def config(cache, out, args, precision: str, l1: tuple[str, ...], tokens: int) -> TrainConfig:
     return TrainConfig(cache=str(cache), out=str(out), layers=(LAYER,), expansion=args.expansion,
-                       l1=l1, tokens=tokens, snapshots=(), batch_size=args.batch_size,
-                       device=args.device, precision=precision, log_every=10**9,
-                       checkpoint_every=10**12, heldout_rows=args.batch_size,
-                       reader_threads=args.reader_threads, mix_chunks=args.mix_chunks, progress=False)
+                       l1=l1, tokens=tokens, snapshots=(), device=args.device, precision=precision,
+                       log_every=10**9, checkpoint_every=10**12, heldout_rows=args.batch_size,
+                       progress=False, reader=ReaderConfig(batch_size=args.batch_size,
+                                                           threads=args.reader_threads,
+                                                           mix_chunks=args.mix_chunks))
 
 
 def sync(device: str) -> None:
@@ -47,8 +48,7 @@ def limit(cache, args, precision: str, l1: tuple[str, ...], steps: int) -> float
     """Tokens/s of the runs' steps on one batch resident on the device."""
     with tempfile.TemporaryDirectory() as out:
         cfg = config(cache.location, out, args, precision, l1, steps * args.batch_size)
-        identity = RunIdentity.of(cfg, cache, LAYER, 1.0)
-        runs = [Run(RunPaths.of(out, s), s, identity, cfg, cache.layout.d) for s in cfg.run_specs(LAYER)]
+        runs = [SAETrainer(spec, cfg, cache.layout.d) for spec in cfg.run_specs(LAYER)]
         x = torch.randn(args.batch_size, cache.layout.d, device=args.device)  # (B, d) on the device
         for step in range(3):  # warm-up
             for run in runs:
@@ -71,7 +71,7 @@ def from_cache(cache, args, precision: str, l1: tuple[str, ...], steps: int) -> 
         start = time.perf_counter()
         runs = train(cfg)
         seconds = time.perf_counter() - start
-        last = [json.loads(l) for l in runs[0].paths.metrics.read_text().splitlines()
+        last = [json.loads(l) for l in runs[0].folder.metrics.read_text().splitlines()
                 if '"train"' in l][-1]
         return (last["tokens_per_s"], steps * args.batch_size / seconds, last["data_wait_fraction"],
                 last["bytes_read"])

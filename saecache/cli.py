@@ -1,4 +1,8 @@
-"""The `saecache` command line: parses options, builds a config, calls the stage. Nothing else."""
+"""The `saecache` command line: parses options, builds a config, calls the stage. Nothing else.
+
+Every option of a stage is built from its config dataclass (saecache.core.options): the
+default, the range and the help text of `--tokens` exist once, in TrainConfig or HarvestConfig.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,14 @@ import sys
 import click
 
 from saecache import __version__
+from saecache.core.devices import check_device
 from saecache.core.errors import SaecacheError
-from saecache.core.units import parse_count
-
-
-class Count(click.ParamType):
-    """A token count: 300M, 1.5B, 100K or 300_000_000."""
-
-    name = "count"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_count(value)
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
+from saecache.core.options import build, config_options
+from saecache.evaluate.runs import EvalConfig
+from saecache.harvest.config import HarvestConfig
+from saecache.harvest.corpus import DatasetSpec
+from saecache.storage.verify import VERIFY_THREADS
+from saecache.train.config import ReaderConfig, TrainConfig
 
 
 class OneLineErrors(click.Group):
@@ -56,17 +54,23 @@ def _storage_options(pairs: tuple[str, ...]) -> dict:
     return options
 
 
-def _check_device(device: str) -> str:
-    import torch
-
+def _device(device: str | None) -> str:
     try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise click.BadParameter(f"{device!r} is not a torch device", param_hint="--device") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter(f"{device!r} asked for but CUDA is not available here; use --device cpu",
-                                 param_hint="--device")
-    return device
+        return check_device(device)
+    except SaecacheError as err:  # shown as click shows a bad option value
+        raise click.BadParameter(str(err).removeprefix("--device "), param_hint="--device") from None
+
+
+def _config(cls: type, values: dict, **fixed):
+    """``cls`` from the options; a ValueError of its checks is a usage error."""
+    if "device" in values:
+        values["device"] = _device(values["device"])
+    if "storage_option" in values:
+        fixed["storage_options"] = _storage_options(values.pop("storage_option"))
+    try:
+        return build(cls, values, **fixed)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
 
 
 storage_option = click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
@@ -85,54 +89,22 @@ def cli(verbose: bool):
 
 @cli.command()
 @click.argument("cache")
-@click.option("--model", default="EleutherAI/pythia-410m", show_default=True,
-              help="Hugging Face model id or local folder.")
-@click.option("--revision", default=None, help="Model revision (branch, tag or commit).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
-              show_default=True, help="dtype the model runs in; residuals are stored as float16.")
-@click.option("--dataset", default=None, help="Hub dataset id (streamed) or a local .jsonl/.txt/"
-              ".parquet file, folder or saved dataset. [default: monology/pile-uncopyrighted]")
-@click.option("--dataset-config", default=None, help="Dataset configuration name.")
-@click.option("--split", default="train", show_default=True, help="Dataset split.")
-@click.option("--dataset-revision", default=None, help="Dataset revision on the Hub.")
-@click.option("--text-field", default="text", show_default=True, help="Column holding the text.")
-@click.option("--tokens", type=Count(), default="300M", show_default=True, help="Token budget.")
-@click.option("--ctx", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Tokens per sequence.")
-@click.option("--layers", default="all", show_default=True, help="Blocks to store: all, 0-23, 0,5,10.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Sequences per forward pass (keep it the same when resuming for identical bytes).")
-@click.option("--device", default=None, help="torch device. [default: cuda if available, else cpu]")
-@click.option("--chunk-rows", type=click.IntRange(min=1), default=16384, show_default=True,
-              help="Target rows per residual chunk (rounded down to whole sequences).")
-@click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
-              help="Compression before the crc32c checksum (fp16 residuals gain ~1.08×).")
-@click.option("--writer-threads", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Threads encoding and writing chunks.")
-@click.option("--buffers", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Host buffers in flight (memory = buffers × layers × rows/chunk × d × 2 bytes).")
-@click.option("--allow-nonfinite", is_flag=True, help="Store and count non-finite residuals "
-              "instead of stopping.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing cache at CACHE and start over.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@config_options(HarvestConfig, "model", "revision", "dtype")
+@config_options(DatasetSpec, "id", "config", "split", "revision", "text_field", prefix="dataset_")
+@config_options(HarvestConfig, "tokens", "ctx", "layers", "batch_size", "device", "chunk_rows",
+                "compression", "writer_threads", "buffers", "allow_nonfinite", "overwrite",
+                "progress")
 @storage_option
-def harvest(cache, dataset, dataset_config, split, dataset_revision, text_field, device,
-            storage_option, **options):
+def harvest(cache, **values):
     """Tokenise DATASET and write every chosen layer's residuals into CACHE.
 
     Re-running the same command resumes; a different model, dataset, ctx, layer set or
     token budget against an existing CACHE is refused.
     """
-    from saecache.harvest.corpus import DEFAULT_DATASET, DatasetSpec
-    from saecache.harvest.loop import HarvestConfig, default_device, harvest as run_harvest
     from saecache.core.units import format_count
+    from saecache.harvest.loop import harvest as run_harvest
 
-    spec = DatasetSpec(dataset or DEFAULT_DATASET, dataset_config, split, dataset_revision, text_field)
-    try:
-        cfg = HarvestConfig(cache=cache, dataset=spec, device=_check_device(device or default_device()),
-                            storage_options=_storage_options(storage_option), **options)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    cfg = _config(HarvestConfig, values, cache=cache)
     result = run_harvest(cfg)
     rate = result.tokens_harvested / result.seconds if result.seconds else 0.0
     click.echo(f"harvested {format_count(result.tokens_harvested)} tokens × "
@@ -156,7 +128,7 @@ def info(cache, as_json, storage_option):
 
 @cli.command()
 @click.argument("cache")
-@click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1), default=VERIFY_THREADS, show_default=True,
               help="Chunks read in parallel.")
 @storage_option
 def verify(cache, threads, storage_option):
@@ -175,93 +147,38 @@ def verify(cache, threads, storage_option):
     click.echo("ok")
 
 
-def _counts(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(parse_count(part) for part in text.split(",") if part.strip())
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--snapshots") from None
-
-
 @cli.command()
 @click.argument("cache")
-@click.option("--layer", "layers", type=click.IntRange(min=0), multiple=True, required=True,
-              help="Layer to train (repeatable: layers train one after another in this process).")
-@click.option("--out", default="runs", show_default=True, help="RUNS folder; one sub-folder per run.")
-@click.option("--arch", type=click.Choice(["relu", "topk"]), default="relu", show_default=True,
-              help="relu: L1 penalty weighted by decoder norms; topk: TopK with AuxK.")
-@click.option("--expansion", type=click.IntRange(min=1), default=32, show_default=True, help="F = expansion × d.")
-@click.option("--l1", multiple=True, default=("3e-4",), show_default=True,
-              help="relu: one run per value: 3e-4 (fixed) or adaptive:150[:start] (target L0).")
-@click.option("--k", multiple=True, type=click.IntRange(min=1), help="topk: one run per k.")
-@click.option("--tokens", type=Count(), default="300M", show_default=True, help="Training tokens per run.")
-@click.option("--snapshots", default=None, help="Token counts at which to save a snapshot; final is "
-              "always saved. [default: those of 50M,100M,150M,200M,250M below --tokens]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per step.")
-@click.option("--lr", type=float, default=3e-4, show_default=True, help="Adam learning rate.")
-@click.option("--lr-warmup", type=click.FloatRange(0, 1), default=0.01, show_default=True,
-              help="Fraction of steps of learning-rate warm-up.")
-@click.option("--lr-decay", type=click.FloatRange(0, 1), default=0.2, show_default=True,
-              help="Fraction of steps, at the end, of linear decay to 0.")
-@click.option("--l1-warmup", type=click.FloatRange(0, 1), default=0.05, show_default=True,
-              help="Fraction of steps over which the L1 coefficient ramps up.")
-@click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Gradient-norm clipping threshold.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the initialisation and batch order.")
-@click.option("--device", default=None, help="torch device. [default: cuda if available, else cpu]")
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="tf32", show_default=True,
-              help="fp32, tf32 matmuls, or bf16 autocast.")
-@click.option("--dead-window", type=Count(), default="10M", show_default=True,
-              help="Tokens without firing after which a feature counts as dead.")
-@click.option("--log-every", type=click.IntRange(min=1), default=100, show_default=True, help="Steps per metrics line.")
-@click.option("--checkpoint-every", type=Count(), default="10M", show_default=True, help="Tokens between checkpoints.")
-@click.option("--mix-chunks", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Chunks whose rows are shuffled together.")
-@click.option("--reader-threads", type=click.IntRange(min=1), default=8, show_default=True, help="Chunk-reading threads.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@config_options(TrainConfig, "layers", "out", "arch", "expansion", "l1", "k", "tokens", "snapshots")
+@config_options(ReaderConfig, "batch_size", prefix="reader_")
+@config_options(TrainConfig, "lr", "lr_warmup", "lr_decay", "l1_warmup", "grad_clip")
+@config_options(ReaderConfig, "seed", prefix="reader_")
+@config_options(TrainConfig, "device", "precision", "dead_window", "log_every", "checkpoint_every")
+@config_options(ReaderConfig, "mix_chunks", "threads", prefix="reader_")
+@config_options(TrainConfig, "progress")
 @storage_option
-def train(cache, layers, snapshots, device, storage_option, **options):
+def train(cache, **values):
     """Train SAEs on --layer of CACHE; all runs of a layer share one read pass of the cache.
 
     Re-running the same command resumes from the last checkpoint; an existing run with other
     settings is refused.
     """
-    from saecache.harvest.loop import default_device
-    from saecache.train.loop import SNAPSHOTS, TrainConfig, train as run_train
+    from saecache.train.loop import train as run_train
 
-    if snapshots is None:
-        snapshots = tuple(s for s in SNAPSHOTS if s < options["tokens"])
-    else:
-        snapshots = _counts(snapshots)
-    try:
-        cfg = TrainConfig(cache=cache, layers=tuple(dict.fromkeys(layers)), snapshots=snapshots,
-                          device=_check_device(device or default_device()),
-                          storage_options=_storage_options(storage_option), **options)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
-    for run in run_train(cfg):
-        click.echo(f"{run.paths.dir}: {run.summary()}")
+    for run in run_train(_config(TrainConfig, values, cache=cache)):
+        click.echo(f"{run.folder.dir}: {run.summary()}")
 
 
 @cli.command(name="eval")
 @click.argument("runs")
-@click.option("--model", default=None, help="Model to splice into. [default: the cache's model]")
-@click.option("--cache", default=None, help="Cache with the held-out tokens. [default: from run.json]")
-@click.option("--snapshot", default="final", show_default=True, help="final, all, or a name such as 50M.")
-@click.option("--max-seqs", type=click.IntRange(min=1), default=None,
-              help="Held-out sequences to use. [default: all]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Sequences per forward.")
-@click.option("--device", default=None, help="torch device. [default: cuda if available, else cpu]")
+@config_options(EvalConfig, "model", "cache", "snapshot", "max_seqs", "batch_size", "device")
 @storage_option
-def eval_(runs, device, storage_option, **options):
+def eval_(runs, **values):
     """CE loss recovered, KL, L0, MSE, FVU, dead/dense fractions of each run in RUNS,
     spliced into the model on the cache's held-out sequences; written to eval.json."""
-    from saecache.evaluate.runs import EvalConfig, evaluate_runs
-    from saecache.harvest.loop import default_device
+    from saecache.evaluate.runs import evaluate_runs
 
-    cfg = EvalConfig(runs=runs, device=_check_device(device or default_device()),
-                     storage_options=_storage_options(storage_option), **options)
-    for run, data in evaluate_runs(cfg).items():
+    for run, data in evaluate_runs(_config(EvalConfig, values, runs=runs)).items():
         for name, r in data["snapshots"].items():
             click.echo(f"{run.name} {name}: CE loss recovered {r['ce_loss_recovered']:.3f} "
                        f"(clean {r['ce_clean']:.3f}, SAE {r['ce_spliced']:.3f}, zero {r['ce_zero']:.3f}), "
@@ -315,9 +232,8 @@ def export(runs, fmt, out, snapshot, repo_id):
 def demo(out, device):
     """The whole pipeline offline, on a tiny built-in GPT-NeoX and a bundled text sample."""
     from saecache.demo.demo import run_demo
-    from saecache.harvest.loop import default_device
 
-    click.echo(run_demo(out, _check_device(device or default_device())))
+    click.echo(run_demo(out, _device(device)))
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from saecache.harvest.corpus import DatasetSpec  # noqa: E402
-from saecache.harvest.loop import HarvestConfig, harvest  # noqa: E402
+from saecache.harvest.config import HarvestConfig
+from saecache.harvest.loop import harvest  # noqa: E402
 from saecache.demo.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model  # noqa: E402
 
 CTX = 32

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from saecache.evaluate.splice import ce_loss_recovered, evaluate_sae
 from saecache.sae.model import SAE, SAEConfig
 from saecache.demo.tiny import TinyModelConfig, build_tiny_model
-from saecache.train.loop import TrainConfig, train
+from saecache.train.config import ReaderConfig, TrainConfig
+from saecache.train.loop import train
 from tests.test_cli import assert_one_line_error, run
 
 D = 64
@@ -93,8 +94,8 @@ def test_spliced_ce_equals_a_forward_with_the_block_output_replaced_by_hand(mode
 def runs(train_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     train(TrainConfig(cache=str(train_cache), out=str(out), layers=(1,), expansion=4, tokens=2560,
-                      snapshots=(1280,), batch_size=128, device="cpu", reader_threads=2,
-                      mix_chunks=4, progress=False))
+                      snapshots=(1280,), device="cpu", progress=False,
+                      reader=ReaderConfig(batch_size=128, threads=2, mix_chunks=4)))
     return out
 
 

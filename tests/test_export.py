@@ -22,6 +22,7 @@ from saecache.export.export import (
 from saecache.sae.model import SAE
 from saecache.storage.cache import Cache
 from saecache.train.reader import ReaderConfig, read_heldout
+from saecache.train.config import ReaderConfig
 from saecache.train.loop import TrainConfig, train
 
 SNAPSHOT_NAME = re.compile(r"^sae_layer(\d{2})_(\d+[KMBT]?|final)\.pt$")  # the model card's pattern
@@ -50,9 +51,9 @@ def adaptive_run(demo_dir) -> Path:
 def topk_run(demo_dir) -> Path:
     (run,) = train(TrainConfig(cache=str(demo_dir / "cache.zarr"), out=str(demo_dir / "topk-runs"),
                                layers=(1,), arch="topk", k=(8,), expansion=4, tokens=4096,
-                               snapshots=(), batch_size=128, device="cpu", reader_threads=2,
-                               mix_chunks=4, progress=False))
-    return run.paths.dir
+                               snapshots=(), device="cpu", progress=False,
+                               reader=ReaderConfig(batch_size=128, threads=2, mix_chunks=4)))
+    return run.folder.dir
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,9 @@ def other_layers(demo_dir) -> list[Path]:
     """Short runs of the fixed-L1 family on layers 0 and 2 (snapshots 1024 and final)."""
     runs = train(TrainConfig(cache=str(demo_dir / "cache.zarr"), out=str(demo_dir / "more-runs"),
                              layers=(0, 2), expansion=4, l1=("3e-4",), tokens=2048,
-                             snapshots=(1024,), batch_size=128, device="cpu", reader_threads=2,
-                             mix_chunks=4, progress=False))
-    return [run.paths.dir for run in runs]
+                             snapshots=(1024,), device="cpu", progress=False,
+                             reader=ReaderConfig(batch_size=128, threads=2, mix_chunks=4)))
+    return [run.folder.dir for run in runs]
 
 
 @pytest.fixture(scope="module")

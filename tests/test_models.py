@@ -14,7 +14,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2C
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 
 from saecache.core.errors import SaecacheError
-from saecache.harvest.loop import blocks_path_of, harvest
+from saecache.harvest.loop import harvest
+from saecache.harvest.prepare import blocks_path_of
 from saecache.harvest.models import find_blocks, load_config, load_model
 from tests.conftest import harvest_config
 

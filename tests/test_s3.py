@@ -17,6 +17,7 @@ from saecache.harvest.loop import harvest
 from saecache.storage import layout as names
 from saecache.storage.cache import ATTR, Cache
 from saecache.storage.store import location_exists, parse_storage_options
+from saecache.train.config import ReaderConfig
 from saecache.train.loop import TrainConfig, train
 from tests.conftest import harvest_config
 from tests.s3 import LocalBackend, S3Backend, free_port, s3_fixture, s3_server_fixture  # noqa: F401
@@ -24,8 +25,9 @@ from tests.test_cli import assert_one_line_error, harvest_args, run
 
 NODES = [names.TOKENS, names.SOURCE, names.BLOCK_STATS, names.COMMITTED,
          *(names.resid_name(layer) for layer in (0, 1, 2))]
-TRAIN = dict(layers=(1,), expansion=2, tokens=1024, snapshots=(), batch_size=64, log_every=4,
-             checkpoint_every=512, device="cpu", reader_threads=2, mix_chunks=2, progress=False)
+TRAIN = dict(layers=(1,), expansion=2, tokens=1024, snapshots=(), log_every=4,
+             checkpoint_every=512, device="cpu", progress=False,
+             reader=ReaderConfig(batch_size=64, threads=2, mix_chunks=2))
 
 
 def objects(backend, location) -> dict[str, bytes]:
@@ -94,7 +96,7 @@ class TestEveryStore:
 
     def test_training_equals_training_from_the_local_cache(self, harvested, reference_training, tmp_path):
         runs = train(TrainConfig(cache=harvested, out=str(tmp_path), **TRAIN))
-        assert json.loads(runs[0].paths.config.read_text())["cache_location"] == harvested
+        assert json.loads(runs[0].folder.config.read_text())["cache_location"] == harvested
         snapshot = final_snapshot(tmp_path)
         for name, tensor in reference_training.items():
             if isinstance(tensor, torch.Tensor):

@@ -16,22 +16,24 @@ from click.testing import CliRunner
 from saecache.cli import cli
 from saecache.sae.model import SAE
 from saecache.storage.cache import Cache
-from saecache.train.loop import TrainConfig, train
+from saecache.train.config import ReaderConfig, TrainConfig
+from saecache.train.loop import train
 from tests.test_cli import assert_one_line_error
 from tests.test_resume import kill_when
 
 LAYER = 1
-BASE = dict(layers=(LAYER,), expansion=4, tokens=60000, snapshots=(20000,), batch_size=128,
-            lr=1e-3, log_every=50, checkpoint_every=5000, mix_chunks=4, reader_threads=2,
-            device="cpu", dead_window=10000, progress=False)
+BASE = dict(layers=(LAYER,), expansion=4, tokens=60000, snapshots=(20000,), lr=1e-3, log_every=50,
+            checkpoint_every=5000, device="cpu", dead_window=10000, progress=False)
+READER = dict(batch_size=128, mix_chunks=4, threads=2)
 
 
 def config(cache, out, **changes) -> TrainConfig:
-    return TrainConfig(cache=str(cache), out=str(out), **{**BASE, **changes})
+    reader = ReaderConfig(**{**READER, **changes.pop("reader", {})})
+    return TrainConfig(cache=str(cache), out=str(out), reader=reader, **{**BASE, **changes})
 
 
 def lines(run, split="train") -> list[dict]:
-    return [json.loads(l) for l in run.paths.metrics.read_text().splitlines()
+    return [json.loads(l) for l in run.folder.metrics.read_text().splitlines()
             if json.loads(l)["split"] == split]
 
 
@@ -75,7 +77,7 @@ def test_metrics_lines_have_the_documented_fields(sisters):
 def test_snapshots_load_with_weights_only_and_work_on_raw_activations(sisters, train_cache):
     _, (fixed, _) = sisters
     for name in ("sae_layer01_20K.pt", "sae_layer01_final.pt"):
-        state = load(fixed.paths.dir / name)
+        state = load(fixed.folder.dir / name)
         assert state["W_enc"].shape == (64, 256) and state["W_dec"].shape == (256, 64)
         assert state["b_enc"].shape == (256,) and state["b_dec"].shape == (64,)
         cfg = state["cfg"]
@@ -85,8 +87,8 @@ def test_snapshots_load_with_weights_only_and_work_on_raw_activations(sisters, t
     cache = Cache.open(str(train_cache))
     x = torch.from_numpy(cache.resid(LAYER)[:512]).float()  # (512, 64) raw
     scale = math.sqrt(64) / cache.layer_stats(LAYER).mean_norm
-    raw = SAE.from_snapshot(load(fixed.paths.dir / "sae_layer01_final.pt"))
-    torch.testing.assert_close(raw(x).x_hat * scale, fixed.sae(x * scale).x_hat, rtol=1e-4, atol=1e-4)
+    raw = SAE.from_snapshot(load(fixed.folder.dir / "sae_layer01_final.pt"))
+    torch.testing.assert_close(raw(x).x_hat * scale, fixed.trainer.sae(x * scale).x_hat, rtol=1e-4, atol=1e-4)
     f = state["W_enc"], state["b_enc"]  # the documented forward pass, by hand
     acts = torch.relu(x @ f[0] + f[1])
     torch.testing.assert_close(acts @ state["W_dec"] + state["b_dec"], raw(x).x_hat)
@@ -96,7 +98,7 @@ def test_sister_runs_see_the_same_batches_as_when_trained_alone(sisters, train_c
     out, (fixed, adaptive) = sisters
     alone = train(config(train_cache, tmp_path))[0]  # the 3e-4 run, alone
     for name in ("sae_layer01_20K.pt", "sae_layer01_final.pt"):
-        a, b = load(alone.paths.dir / name), load(fixed.paths.dir / name)
+        a, b = load(alone.folder.dir / name), load(fixed.folder.dir / name)
         for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
             assert torch.equal(a[key], b[key]), key
     # one read pass however many runs share it
@@ -107,13 +109,13 @@ def test_topk_keeps_exactly_k_features(train_cache, tmp_path):
     run, = train(config(train_cache, tmp_path, arch="topk", k=(8,), tokens=20000, snapshots=()))
     assert lines(run, "heldout")[-1]["l0"] == pytest.approx(8, abs=0.01)
     assert lines(run)[-1]["loss"] < lines(run)[0]["loss"]
-    assert load(run.paths.dir / "sae_layer01_final.pt")["cfg"]["k"] == 8
+    assert load(run.folder.dir / "sae_layer01_final.pt")["cfg"]["k"] == 8
 
 
 def test_several_layers_train_in_one_invocation(train_cache, tmp_path):
     runs = train(config(train_cache, tmp_path, layers=(0, 2), tokens=2560, snapshots=()))
-    assert sorted(r.paths.dir.name for r in runs) == ["layer00-relu-x4-l1-0.0003", "layer02-relu-x4-l1-0.0003"]
-    assert all((r.paths.dir / f"sae_layer{r.spec.layer:02d}_final.pt").exists() for r in runs)
+    assert sorted(r.folder.dir.name for r in runs) == ["layer00-relu-x4-l1-0.0003", "layer02-relu-x4-l1-0.0003"]
+    assert all((r.folder.dir / f"sae_layer{r.spec.layer:02d}_final.pt").exists() for r in runs)
 
 
 def command(cache, out) -> list[str]:
@@ -196,7 +198,7 @@ def test_resuming_against_a_cache_with_other_provenance_is_refused(sisters, tmp_
     out, (fixed, _) = sisters
     copy = tmp_path / "runs"
     shutil.copytree(out, copy)
-    record_path = copy / fixed.paths.dir.name / "run.json"
+    record_path = copy / fixed.folder.dir.name / "run.json"
     record = json.loads(record_path.read_text())
     record["cache"]["dataset"] = "/elsewhere/other-text.txt"  # as if trained on another cache
     record_path.write_text(json.dumps(record))

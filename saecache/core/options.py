@@ -77,64 +77,69 @@ def _item_type(rule, hint) -> click.ParamType | type:
     return kind if kind in (int, float, str) else str
 
 
-def _shown(rule, default: Any) -> Any:
-    """The default as --help shows it: 300M for a count, ``a, b`` for a tuple."""
-    if rule.show is not None:
-        return rule.show
+def _default(rule, default: Any) -> tuple[Any, bool]:
+    """(default as click gets it, whether --help shows it): a count as 300M, so it shows so."""
+    if default is dataclasses.MISSING or default is None or rule.show is not None:
+        return None, False
     if rule.count and isinstance(default, int):
-        return format_count(default)
+        return format_count(default), True
     if isinstance(default, tuple):
-        return ", ".join(map(str, default)) if default else None
-    return default
+        return (tuple(format_count(v) for v in default) if rule.count else default), bool(default)
+    return default, True
 
 
-def field_option(cls: type, name: str, **overrides: Any):
-    """The click option of field ``name`` of ``cls``; ``overrides`` replace computed keywords."""
+def field_option(cls: type, name: str, prefix: str = "", **overrides: Any):
+    """The click option of field ``name`` of ``cls``, its value passed as ``prefix + name``
+    (``prefix`` is the nested config's field name and ``_``, as :func:`build` expects);
+    ``overrides`` replace computed keywords."""
     field = field_named(cls, name)
     rule, (hint, optional) = rule_of(field), _base(_hints(cls)[name])
-    default = default_of(field) if field.default_factory is dataclasses.MISSING else None
-    kwargs: dict[str, Any] = {"help": field_docs(cls).get(name), "show_default": True}
+    required = default_of(field) is dataclasses.MISSING
+    default, shown = _default(rule, None if field.default_factory is not dataclasses.MISSING
+                              else default_of(field))
+    help_text = field_docs(cls).get(name, "")
+    if rule.show is not None:
+        help_text += f" [default: {rule.show}]"
+    kwargs: dict[str, Any] = {"help": help_text, "show_default": shown, "default": default,
+                              "required": required}
     decls = [flag_of(field)]
     if hint is bool and optional:  # on/off, None: decided at run time
         decls = [f"{decls[0]}/--no-{decls[0][2:]}"]
-        kwargs.update(default=None, show_default=False)
     elif hint is bool:
         kwargs.update(is_flag=True, default=bool(default), show_default=False)
     elif typing.get_origin(hint) is tuple and rule.separator is None:
-        kwargs.update(multiple=True, type=_item_type(rule, hint), default=default or (),
-                      show_default=_shown(rule, default) or False)
+        kwargs.update(multiple=True, type=_item_type(rule, hint))
     else:
         item = _item_type(rule, hint)
-        kind = Separated(item, rule.separator) if rule.separator else item
-        shown = _shown(rule, default)
-        kwargs.update(type=kind, default=None if default is dataclasses.MISSING else default,
-                      show_default=shown if shown is not None else False)
-        kwargs["required"] = default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        kwargs["type"] = Separated(item, rule.separator) if rule.separator else item
     kwargs.update(overrides)
-    return click.option(*decls, name, **kwargs)
+    return click.option(*decls, prefix + name, **kwargs)
 
 
-def config_options(cls: type, *names: str):
+def config_options(cls: type, *names: str, prefix: str = ""):
     """Decorator adding the options of fields ``names`` of ``cls``, in that order."""
 
     def decorate(fn):
         for name in reversed(names):
-            fn = field_option(cls, name)(fn)
+            fn = field_option(cls, name, prefix)(fn)
         return fn
 
     return decorate
 
 
 def build(cls: type, values: dict[str, Any], **fixed: Any):
-    """``cls`` from option values: nested config fields are built from the same values; a
-    None value (an option left out whose field has a factory) takes the field's default."""
+    """``cls`` from option values: a nested config field ``reader`` is built from the values
+    named ``reader_*``; a None value (an option left out whose field has a factory) takes the
+    field's default."""
     kwargs = dict(fixed)
     for field in dataclasses.fields(cls):
         if field.name in kwargs:
             continue
         hint = _hints(cls)[field.name]
         if dataclasses.is_dataclass(hint):
-            kwargs[field.name] = build(hint, values)
+            head = field.name + "_"
+            kwargs[field.name] = build(hint, {k[len(head):]: v for k, v in values.items()
+                                              if k.startswith(head)})
         elif field.name in values and not (values[field.name] is None
                                            and field.default_factory is not dataclasses.MISSING):
             kwargs[field.name] = values[field.name]

@@ -6,11 +6,13 @@ from pathlib import Path
 
 from saecache.harvest.corpus import DatasetSpec
 from saecache.evaluate.runs import EvalConfig, evaluate_runs
-from saecache.harvest.loop import HarvestConfig, harvest
+from saecache.harvest.config import HarvestConfig
+from saecache.harvest.loop import harvest
 from saecache.report.report import write_report
 from saecache.storage.info import describe, format_info
 from saecache.demo.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model
-from saecache.train.loop import TrainConfig, train
+from saecache.train.config import ReaderConfig, TrainConfig
+from saecache.train.loop import train
 
 DEMO_CTX = 64
 DEMO_TOKENS = 65536  # the bundled text (~7.6K tokens) read 9 times over
@@ -38,8 +40,8 @@ def demo_train_config(out: Path, device: str) -> TrainConfig:
     """Two sister runs on layer 1: L1 3e-4 fixed, and adaptive toward L0 = 32."""
     return TrainConfig(cache=str(out / "cache.zarr"), out=str(out / "runs"), layers=(DEMO_LAYER,),
                        expansion=4, l1=("3e-4", "adaptive:32"), tokens=49152,
-                       snapshots=(16000, 32000), batch_size=128, lr=1e-3, dead_window=16384,
-                       log_every=16, mix_chunks=4, reader_threads=2, device=device)
+                       snapshots=(16000, 32000), lr=1e-3, dead_window=16384, log_every=16,
+                       device=device, reader=ReaderConfig(batch_size=128, mix_chunks=4, threads=2))
 
 
 def run_demo(out: str | Path, device: str) -> str:
@@ -48,7 +50,7 @@ def run_demo(out: str | Path, device: str) -> str:
     cache = harvest(demo_harvest_config(out, device)).cache
     report = [format_info(describe(cache)), ""]
     for run in train(demo_train_config(out, device)):
-        report.append(f"{run.paths.dir.name}: {run.summary()}")
+        report.append(f"{run.folder.name}: {run.summary()}")
     for run, data in evaluate_runs(EvalConfig(runs=str(out / "runs"), device=device)).items():
         r = next(v for name, v in data["snapshots"].items() if name.endswith("_final.pt"))
         report.append(f"{run.name}: CE loss recovered {r['ce_loss_recovered']:.3f} (CE clean "

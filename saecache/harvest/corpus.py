@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saecache.core.errors import SaecacheError, first_line
+from saecache.core.settings import setting
 
 # The Pile, minus its copyrighted subsets, as still hosted on the Hub (the original
 # EleutherAI/pile was taken down). Pythia was trained on the full Pile.
@@ -23,14 +24,14 @@ SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 class DatasetSpec:
     """Which documents to read."""
 
-    id: str
-    """Hub dataset id, or a local .jsonl/.txt/.parquet file, a folder of them, or a saved dataset."""
-    config: str | None = None
-    """Configuration name (``name=`` of load_dataset)."""
+    id: str = setting(DEFAULT_DATASET, flag="--dataset")
+    """Hub dataset id (streamed) or a local .jsonl/.txt/.parquet file, folder or saved dataset."""
+    config: str | None = setting(None, flag="--dataset-config")
+    """Dataset configuration name."""
     split: str = "train"
-    """Split to read."""
-    revision: str | None = None
-    """Hub revision."""
+    """Dataset split."""
+    revision: str | None = setting(None, flag="--dataset-revision")
+    """Dataset revision on the Hub."""
     text_field: str = "text"
     """Column holding the text."""
 

@@ -67,6 +67,10 @@ class Provenance:
             if getattr(self, name) != getattr(requested, name)
         ]
 
+    def identity(self) -> dict:
+        """The identity fields by name: what a run trained on this cache records of it."""
+        return {name: getattr(self, name) for _, name in _IDENTITY}
+
     def to_json(self) -> dict:
         return asdict(self)
 

@@ -59,7 +59,11 @@ def _check_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> tuple[int, int, st
     return data.nbytes, bad, None
 
 
-def verify(cache: Cache, threads: int = 4) -> VerifyReport:
+VERIFY_THREADS = 4
+"""Chunks read in parallel by default."""
+
+
+def verify(cache: Cache, threads: int = VERIFY_THREADS) -> VerifyReport:
     """Check every chunk a committed block or the token arrays must have."""
     committed = cache.committed()
     node_names = []  # before tokenisation ends there is nothing that must be complete

@@ -6,9 +6,14 @@ them (saecache.core.options) and a config checks itself when made.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
-from saecache.core.settings import setting, validate
+from saecache.core.devices import default_device
+from saecache.core.settings import result_fields, setting, validate
+from saecache.core.units import format_count
+from saecache.sae.archs import ARCHS, arch_of
+from saecache.sae.spec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -16,7 +21,7 @@ class ReaderConfig:
     """How stage two reads one layer of a cache; the batch order depends on nothing else."""
 
     batch_size: int = setting(4096, min=1)
-    """Tokens per step (rows per training batch)."""
+    """Tokens per step."""
     seed: int = setting(0, min=0)
     """Seeds the initialisation and batch order."""
     mix_chunks: int = setting(8, min=1)
@@ -30,3 +35,100 @@ class ReaderConfig:
 
     def __post_init__(self):
         validate(self)
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+SNAPSHOTS = (50_000_000, 100_000_000, 150_000_000, 200_000_000, 250_000_000)
+"""The model card's snapshots; by default those below --tokens are saved."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything `saecache train` needs; its identity() is saved with every run in run.json."""
+
+    cache: str = setting(result=False)
+    """The cache to read (a folder or an fsspec URL)."""
+    layers: tuple[int, ...] = setting(min=0, flag="--layer", result=False)
+    """Layer to train (repeatable: layers train one after another in this process)."""
+    out: str = setting("runs", result=False)
+    """RUNS folder; one sub-folder per run."""
+    arch: str = setting("relu", choices=tuple(ARCHS))
+    """relu: L1 penalty weighted by decoder norms; topk: TopK with AuxK."""
+    expansion: int = setting(32, min=1)
+    """F = expansion × d."""
+    l1: tuple[str, ...] = setting(("3e-4",), result=False)
+    """relu: one run per value: 3e-4 (fixed) or adaptive:150[:start] (target L0)."""
+    k: tuple[int, ...] = setting((), min=1, result=False)
+    """topk: one run per k."""
+    tokens: int = setting(300_000_000, min=1, count=True)
+    """Training tokens per run."""
+    snapshots: tuple[int, ...] | None = setting(
+        None, min=1, count=True, separator=",", show="those of 50M,100M,150M,200M,250M below --tokens")
+    """Token counts at which to save a snapshot; final is always saved."""
+    lr: float = setting(3e-4, min=0, min_open=True)
+    """Adam learning rate."""
+    lr_warmup: float = setting(0.01, min=0, max=1)
+    """Fraction of steps of learning-rate warm-up."""
+    lr_decay: float = setting(0.2, min=0, max=1)
+    """Fraction of steps, at the end, of linear decay to 0."""
+    l1_warmup: float = setting(0.05, min=0, max=1)
+    """Fraction of steps over which the L1 coefficient ramps up."""
+    grad_clip: float = setting(1.0, min=0, min_open=True)
+    """Gradient-norm clipping threshold."""
+    device: str = setting(factory=default_device, result=False)
+    """torch device. [default: cuda if available, else cpu]"""
+    precision: str = setting("tf32", choices=PRECISIONS)
+    """fp32, tf32 matmuls, or bf16 autocast."""
+    dead_window: int = setting(10_000_000, min=1, count=True)
+    """Tokens without firing after which a feature counts as dead."""
+    aux_k: int | None = setting(None, min=1)
+    """topk AuxK: dead features used to model the residual error (None: d // 2)."""
+    aux_coeff: float = setting(1 / 32, min=0)
+    """topk AuxK loss weight."""
+    log_every: int = setting(100, min=1, result=False)
+    """Steps per metrics line."""
+    checkpoint_every: int = setting(10_000_000, min=1, count=True, result=False)
+    """Tokens between checkpoints."""
+    heldout_rows: int = setting(65536, min=1, result=False)
+    """Held-out rows evaluated at each snapshot."""
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    """How the layer is read: batch size, seed, mixing, threads, held-out fraction."""
+    storage_options: dict = setting(factory=dict, result=False)
+    """fsspec options for a URL cache."""
+    progress: bool | None = setting(None, result=False)
+    """Progress bar [default: on a terminal]."""
+
+    def __post_init__(self):
+        validate(self)
+        self.layers = tuple(dict.fromkeys(self.layers))
+        if self.snapshots is None:
+            self.snapshots = tuple(s for s in SNAPSHOTS if s < self.tokens)
+        self.run_specs(0)  # ValueError for --l1 values, or --k missing for topk
+        if self.tokens < self.batch_size:
+            raise ValueError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
+        bad = [s for s in self.snapshots if not 0 < s < self.tokens]
+        if bad:
+            raise ValueError(f"--snapshots {format_count(bad[0])} is not below --tokens "
+                             f"{format_count(self.tokens)}")
+        self.snapshots = tuple(sorted(set(self.snapshots)))
+
+    @property
+    def batch_size(self) -> int:
+        return self.reader.batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.reader.seed
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    def run_specs(self, layer: int) -> list[RunSpec]:
+        """One run per --l1 (relu) or --k (topk) value."""
+        sparsities = arch_of(self.arch).sparsities(self.l1, self.k)
+        return [RunSpec(layer, self.arch, self.expansion, **s) for s in sparsities]
+
+    def identity(self) -> dict:
+        """The settings that determine a run's result (compared when resuming)."""
+        return json.loads(json.dumps({**result_fields(self), **result_fields(self.reader)}))

@@ -2,7 +2,8 @@ import os, torch
 torch.set_num_threads(1)
 from saecache.demo.tiny import build_tiny_model, TinyModelConfig, DEMO_TEXT
 from saecache.harvest.corpus import DatasetSpec
-from saecache.harvest.loop import HarvestConfig, harvest
+from saecache.harvest.config import HarvestConfig
+from saecache.harvest.loop import harvest
 from saecache.train.loop import TrainConfig, train
 m = build_tiny_model("model", TinyModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, vocab_size=300, max_ctx=64))
 harvest(HarvestConfig(cache="cache.zarr", model=str(m), dataset=DatasetSpec(str(DEMO_TEXT)), tokens=1024, ctx=16,

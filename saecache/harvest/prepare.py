@@ -1,0 +1,112 @@
+"""Before the model runs: check the request, open or create the cache, tokenise once.
+
+The model's config and tokenizer (no weights) say whether the request is possible; the
+cache's provenance and layout are derived from them and compared with an existing cache, which
+is resumed, or a new one is created and filled with `tokens` and `source`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from saecache import __version__
+from saecache.core.errors import SaecacheError
+from saecache.core.units import parse_layers
+from saecache.harvest.config import HarvestConfig
+from saecache.harvest.corpus import iter_texts
+from saecache.harvest.models import find_blocks, max_ctx_of, n_layers_of, vocab_hash
+from saecache.harvest.packing import Sequence, pack, tokenize_documents
+from saecache.storage.cache import Cache
+from saecache.storage.layout import CacheLayout
+from saecache.storage.provenance import Provenance
+from saecache.storage.store import location_exists, remove_partial_writes
+
+log = logging.getLogger(__name__)
+
+
+def describe(cfg: HarvestConfig, config, tokenizer) -> tuple[Provenance, CacheLayout]:
+    """Provenance and layout of the requested cache; one-line errors for impossible requests."""
+    n_layers = n_layers_of(config)
+    try:
+        layers = parse_layers(cfg.layers, n_layers)
+    except ValueError as err:
+        raise SaecacheError(f"{err} in {cfg.model}") from None
+    max_ctx = max_ctx_of(config)
+    if max_ctx is not None and cfg.ctx > max_ctx:
+        raise SaecacheError(f"--ctx {cfg.ctx} is longer than {cfg.model} allows ({max_ctx}): "
+                            f"use --ctx {max_ctx} or less")
+    architecture = (config.architectures or [type(config).__name__])[0]
+    provenance = Provenance(
+        model=cfg.model, revision=cfg.revision, dtype=cfg.dtype, architecture=architecture,
+        blocks=blocks_path_of(config, n_layers), n_layers=n_layers, tokenizer=cfg.model, vocab_hash=vocab_hash(tokenizer),
+        eos_token_id=int(tokenizer.eos_token_id), dataset=cfg.dataset.canonical_id(),
+        dataset_config=cfg.dataset.config, split=cfg.dataset.split,
+        dataset_revision=cfg.dataset.revision, text_field=cfg.dataset.text_field,
+        token_budget=cfg.tokens, model_commit=getattr(config, "_commit_hash", None),
+        saecache_version=__version__,
+    )
+    layout = CacheLayout(ctx=cfg.ctx, d=int(config.hidden_size), layers=layers,
+                         seqs_per_block=CacheLayout.seqs_per_block_for(cfg.ctx, cfg.chunk_rows),
+                         n_seq=0, compression=cfg.compression)
+    return provenance, layout
+
+
+def blocks_path_of(config, n_layers: int) -> str:
+    """Where the blocks sit, read off a weightless copy of the model built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return find_blocks(skeleton, n_layers)[0]
+
+
+def open_or_create(cfg: HarvestConfig, provenance: Provenance, layout: CacheLayout,
+                    tokenizer) -> Cache:
+    """The cache to fill: the existing one if it matches, else a new one with its tokens."""
+    exists = location_exists(cfg.cache, cfg.storage_options)
+    cache = None
+    if exists and not cfg.overwrite:
+        cache = Cache.open(cfg.cache, writable=True, storage_options=cfg.storage_options)
+        cache.check_matches(provenance, layout)
+        if removed := remove_partial_writes(cfg.cache):  # before any rank writes again
+            log.info("removed %d partial chunk files left by an interrupted harvest", removed)
+        if cache.tokens_done:
+            return cache
+    sequences = _sequences(cfg, tokenizer)  # fails on missing or empty data before any change
+    if cache is None:
+        if exists:
+            Cache.remove(cfg.cache, cfg.storage_options)
+        cache = Cache.create(cfg.cache, provenance, layout, storage_options=cfg.storage_options)
+    _write_tokens(cache, sequences, cfg.tokens // cfg.ctx)
+    return cache
+
+
+def _sequences(cfg: HarvestConfig, tokenizer) -> Iterator[Sequence]:
+    """The packed sequences, with the first one already read (so empty data fails now)."""
+    docs = tokenize_documents(tokenizer, iter_texts(cfg.dataset))
+    stream = pack(docs, cfg.ctx, int(tokenizer.eos_token_id), cfg.tokens // cfg.ctx)
+    first = next(stream, None)
+    if first is None:
+        raise SaecacheError(f"dataset {cfg.dataset.id} holds fewer than --ctx {cfg.ctx} tokens: "
+                            "give more text or a smaller --ctx")
+    return itertools.chain([first], stream)
+
+
+def _write_tokens(cache: Cache, sequences: Iterator[Sequence], max_seqs: int) -> None:
+    """Fill `tokens` and `source` one block at a time, then fix the sequence count."""
+    tokens, source = cache.create_token_arrays(max_seqs)
+    per_block = cache.layout.seqs_per_block
+    n = 0
+    while batch := list(itertools.islice(sequences, per_block)):
+        tokens[n:n + len(batch)] = np.stack([s.ids for s in batch])  # (s, ctx) int32
+        source[n:n + len(batch)] = np.array([(s.doc, s.offset) for s in batch], dtype=np.int64)
+        n += len(batch)
+    if n < max_seqs:
+        log.warning("the dataset ran out after %d sequences (%d tokens) of the %d asked for",
+                    n, n * cache.layout.ctx, max_seqs)
+    cache.finish_tokens(n)

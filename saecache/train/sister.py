@@ -1,0 +1,116 @@
+"""One of the sister runs that a layer trains from one read pass: an SAETrainer and its RunFolder.
+
+It checks run.json before anything is written (a resumed run must match its record exactly),
+cuts metrics.jsonl back to the checkpoint it resumes from, and writes the metrics lines,
+snapshots and checkpoints (the latest two) into its folder, each atomically.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from saecache.core.atomic import atomic_write, write_jsonl
+from saecache.core.errors import SaecacheError
+from saecache.sae.spec import RunSpec
+from saecache.train.config import TrainConfig
+from saecache.train.runfolder import RunFolder, RunRecord, snapshot_name
+from saecache.train.trainer import SAETrainer
+
+KEEP_CHECKPOINTS = 2  # the latest two: a kill between sister runs' saves leaves a common one
+
+
+class SisterRun:
+    """An SAE being trained on one layer with one configuration, and the folder it writes."""
+
+    def __init__(self, folder: RunFolder, record: RunRecord, cfg: TrainConfig, d: int):
+        self.folder, self.record, self.cfg = folder, record, cfg
+        self.spec: RunSpec = record.spec
+        self.trainer = SAETrainer(record.spec, cfg, d)
+
+    @classmethod
+    def open(cls, folder: RunFolder, record: RunRecord, cfg: TrainConfig, d: int) -> SisterRun:
+        """A new run, or an existing one whose record matches; refuses others."""
+        if folder.is_run:
+            diff = _first_difference(folder.record().identity(), record.identity())
+            if diff:
+                raise SaecacheError(f"run {folder.dir} exists with other settings ({diff}): use the "
+                                    "same settings to resume, or another --out")
+        else:
+            folder.write_record(record)
+        return cls(folder, record, cfg, d)
+
+    @staticmethod
+    def common_step(runs: list[SisterRun]) -> int:
+        """The latest step every run has a checkpoint for (0: start from scratch)."""
+        common = set.intersection(*(set(run.folder.checkpoint_steps()) for run in runs))
+        return max(common, default=0)
+
+    def resume(self, step: int) -> None:
+        """Load the checkpoint of ``step`` and cut the metrics log back to it."""
+        if step:
+            state = torch.load(self.folder.checkpoint(step), map_location=self.cfg.device,
+                               weights_only=True)
+            self.trainer.load_state_dict(state)
+        if self.folder.metrics.exists():
+            tokens = step * self.cfg.batch_size
+            write_jsonl(self.folder.metrics,
+                        [line for line in self.folder.metrics_lines() if line["tokens"] <= tokens])
+
+    def step(self, x: torch.Tensor, step: int) -> None:
+        self.trainer.step(x, step)
+
+    # ---- outputs -----------------------------------------------------------------------------
+
+    def log(self, step: int, timing: dict) -> None:
+        """Append one metrics line averaged over the steps since the last one."""
+        self._append(self.trainer.metrics_line(step, timing))
+
+    def _append(self, line: dict) -> None:
+        self.folder.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.folder.metrics, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    @torch.no_grad()
+    def save_snapshot(self, step: int, tokens: int | None, heldout: torch.Tensor) -> None:
+        """Write sae_layer{LL}_{SNAP}.pt (weights for raw activations) and held-out metrics."""
+        tokens_seen = (step + 1) * self.cfg.batch_size
+        record = self.record
+        state = self.trainer.snapshot(
+            record.scale, tokens_seen=tokens_seen, input_scale=record.scale,
+            model=record.model, dataset=record.cache["dataset"], ctx=record.cache["ctx"],
+            run=self.spec.name)
+        atomic_write(self.folder.snapshot_path(self.spec.layer, tokens), lambda f: torch.save(state, f))
+        self._append({"step": step + 1, "tokens": tokens_seen, "split": "heldout",
+                      "snapshot": snapshot_name(self.spec.layer, tokens),
+                      **self.trainer.heldout_metrics(heldout)})
+
+    def summary(self) -> str:
+        """The last held-out metrics, in one line."""
+        heldout = [line for line in self.folder.metrics_lines() if line["split"] == "heldout"]
+        if not heldout:
+            return "no held-out metrics yet"
+        m = heldout[-1]
+        return (f"{m['snapshot']}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, "
+                f"MSE {m['mse']:.4g} (normalised units)")
+
+    def checkpoint(self, step: int) -> None:
+        """Save everything needed to continue at ``step`` exactly; keep the latest two."""
+        state = {"step": step, **self.trainer.state_dict()}
+        atomic_write(self.folder.checkpoint(step), lambda f: torch.save(state, f))
+        for old in self.folder.checkpoint_steps()[:-KEEP_CHECKPOINTS]:
+            self.folder.checkpoint(old).unlink(missing_ok=True)
+
+
+def _first_difference(saved: dict, requested: dict, prefix: str = "") -> str | None:
+    """'train.lr is 0.0003 there, not 0.001' for the first differing leaf, else None."""
+    for key in sorted(set(saved) | set(requested)):
+        a, b = saved.get(key), requested.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key} is {a!r} there, not {b!r}"
+    return None
