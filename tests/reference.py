@@ -54,3 +54,16 @@ def l0(acts: Tensor) -> float:
 def default_aux_k(cfg) -> int:
     """The AuxK width of Gao et al.: min(F // 2, d // 2), at least 1."""
     return max(1, min(cfg.n_features // 2, cfg.d // 2))
+
+
+def load_saelens_folder(path) -> tuple[dict, dict[str, Tensor]]:
+    """(cfg.json as a dict, {W_enc, W_dec, b_enc, b_dec}) of an exported SAELens folder, read
+    by the names SAELens gives them (sae_lens.constants SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = json.loads((path / "cfg.json").read_text())
+    return cfg, load_file(str(path / "sae_weights.safetensors"))

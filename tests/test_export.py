@@ -11,19 +11,14 @@ import pytest
 import torch
 
 from saecache.core.errors import SaecacheError
-from saecache.export.export import (
-    CARD,
-    export_pt,
-    export_saelens,
-    load_saelens_folder,
-    push,
-    transformer_lens_hook,
-)
+from saecache.export.export import export_pt, export_saelens, push
+from saecache.export.layout import CARD, transformer_lens_hook
 from saecache.sae.model import SAE
 from saecache.storage.cache import Cache
 from saecache.train.reader import ReaderConfig, read_heldout
 from saecache.train.config import ReaderConfig
 from saecache.train.loop import TrainConfig, train
+from tests.reference import load_saelens_folder
 
 SNAPSHOT_NAME = re.compile(r"^sae_layer(\d{2})_(\d+[KMBT]?|final)\.pt$")  # the model card's pattern
 
