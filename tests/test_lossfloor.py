@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from saecache.report.lossfloor import fit_loss_floor, fit_run, train_curve
+from saecache.core.settings import field_docs, rule_of
+from saecache.report.lossfloor import FitOptions, LossFloorFit, fit_loss_floor, train_curve
+from saecache.train.runfolder import RunFolder
 
 L_INF, A, ALPHA = 0.05, 2000.0, 0.5
 
@@ -17,6 +21,14 @@ def power_law(tokens: np.ndarray) -> np.ndarray:
 
 
 TOKENS = np.linspace(1e6, 3e8, 200)
+
+
+def fit_run(run_dir: str | Path, metric: str = "loss", skip: float = 0.1,
+            cutoff: float = 0.6) -> LossFloorFit:
+    """Fit the train ``metric`` curve of the run in ``run_dir`` (its ``metrics.jsonl``)."""
+    run = RunFolder(run_dir)
+    tokens, values = train_curve(run.metrics_lines(), metric)
+    return fit_loss_floor(tokens, values, skip=skip, cutoff=cutoff, run=run.name, metric=metric)
 
 
 def test_recovers_a_noiseless_power_law():
@@ -85,3 +97,33 @@ def test_fit_run_reads_the_chosen_metric(tmp_path):
 def test_train_curve_rejects_unknown_metric():
     with pytest.raises(ValueError, match="not one of loss, mse, fvu"):
         train_curve([], "accuracy")
+
+
+# ---- FitOptions: the report's --metric, --cutoff and --skip -----------------------------------
+
+
+def test_fit_options_defaults_ranges_and_help():
+    assert FitOptions() == FitOptions(metric="loss", cutoff=0.6, skip=0.1)
+    rules = {f.name: rule_of(f) for f in dataclasses.fields(FitOptions)}
+    assert rules["metric"].choices == ("loss", "mse", "fvu")
+    assert (rules["cutoff"].min, rules["cutoff"].min_open, rules["cutoff"].max) == (0, True, 1)
+    assert (rules["skip"].min, rules["skip"].max, rules["skip"].max_open) == (0, 1, False)
+    assert field_docs(FitOptions) == {
+        "metric": "Training curve the loss-floor fit uses (mse/fvu suit adaptive-L1 runs better).",
+        "cutoff": "Fit the curve up to this fraction of tokens and predict the rest.",
+        "skip": "Leave out this fraction of tokens at the start (warm-up)."}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FitOptions().metric = "mse"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"metric": "accuracy"}, "--metric is 'accuracy': use one of loss, mse, fvu"),
+    ({"cutoff": 0.0}, "--cutoff must be above 0"),
+    ({"cutoff": 1.5}, "--cutoff must be at most 1"),
+    ({"skip": -0.1}, "--skip must be at least 0"),
+    ({"skip": float("nan")}, "--skip must be a finite number"),
+])
+def test_fit_options_refuse_values_out_of_range(values, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        FitOptions(**values)
+    assert FitOptions(cutoff=1.0, skip=0.0).cutoff == 1.0  # the closed ends are allowed

@@ -17,14 +17,17 @@ FAMILY = "relu-x32-l1-0.0003"
 SISTER = "relu-x32-adaptive-l0-150"
 LONE = "topk-x32-k64"
 TOKENS = 4_000_000
+SPECS = {FAMILY: {"arch": "relu", "l1": 3e-4}, SISTER: {"arch": "relu", "l1": 5e-4, "target_l0": 150.0},
+         LONE: {"arch": "topk", "k": 64}}
+"""The run.json spec of each family (its folder name is RunSpec.name)."""
 
 
 def make_run(root: Path, family: str, layer: int, *, points: int = 40, metrics: bool = True,
-             evaluation: dict | None = None) -> Path:
+             evaluation: dict | None = None, folder: str | None = None) -> Path:
     """A run folder: run.json, a power-law metrics.jsonl with LR decay in the last 20%, eval.json."""
-    run = root / f"layer{layer:02d}-{family}"
+    run = root / (folder or f"layer{layer:02d}-{family}")
     run.mkdir(parents=True)
-    spec = {"layer": layer, "arch": "relu", "expansion": 32, "l1": 3e-4, "target_l0": None, "k": None}
+    spec = {"layer": layer, "expansion": 32, "l1": None, "target_l0": None, "k": None, **SPECS[family]}
     config = {"spec": spec, "train": {"lr_decay": 0.2}, "cache": {"model": "tiny-neox"}, "scale": 1.0,
               "cache_location": "cache.zarr"}
     (run / "run.json").write_text(json.dumps(config))
@@ -164,6 +167,28 @@ def test_eval_without_final_snapshot_uses_the_latest(tmp_path):
     write_report(tmp_path / "runs", tmp_path / "out")
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "0.625" in summary and "no final snapshot; showing sae_layer02_2M.pt" in summary
+
+
+def test_family_comes_from_run_json_and_from_the_folder_name_without_it(tmp_path):
+    make_run(tmp_path / "runs", FAMILY, 4, folder="renamed-by-hand")
+    broken = make_run(tmp_path / "runs", LONE, 6)
+    (broken / "run.json").write_text("{not json")
+    write_report(tmp_path / "runs", tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert f"| renamed-by-hand | 4 | {FAMILY} |" in summary
+    row = next(l for l in summary.splitlines() if l.startswith(f"| layer06-{LONE} |"))
+    assert row.startswith(f"| layer06-{LONE} | 6 | {LONE} |")
+    assert "run.json unreadable (" in row and "); layer taken from the folder name" in row
+    assert (tmp_path / "out" / f"heatmap-{FAMILY}.png").is_file()
+
+
+def test_fit_options_are_checked(tmp_path):
+    make_run(tmp_path / "runs", FAMILY, 1)
+    with pytest.raises(ValueError, match="--metric is 'accuracy'"):
+        write_report(tmp_path / "runs", tmp_path / "out", metric="accuracy")
+    write_report(tmp_path / "runs", tmp_path / "out", metric="fvu", skip=0.2, cutoff=0.9)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "fitted to the train fvu between 20% and 90% of each run's tokens" in summary
 
 
 # ---- on a real demo output -------------------------------------------------------------------

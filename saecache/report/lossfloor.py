@@ -3,7 +3,8 @@
 T is tokens seen, L the train ``loss`` (or ``mse``/``fvu``) of ``metrics.jsonl``. The fit uses
 the points after a warm-up skip (default: the first 10% of the run's tokens) and up to a
 cut-off (default: 60%); the later points are held back and predicted, and the prediction's
-error on them says how far the floor L∞ can be trusted. See docs/loss-floor.md.
+error on them says how far the floor L∞ can be trusted. FitOptions holds those three settings
+(the options of `saecache report`). See docs/loss-floor.md.
 
 numpy only: for a fixed α the model is linear in (L∞, A), so those come from a two-parameter
 least squares with L∞ ≥ 0 and A ≥ 0; α ∈ (0, 3] is found by a grid search refined by
@@ -12,18 +13,36 @@ golden-section search.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from saecache.train.runfolder import RunPaths, read_metrics
+from saecache.core.settings import setting, validate
 
 METRICS = ("loss", "mse", "fvu")
 MIN_POINTS = 4  # 3 parameters: fewer points leave nothing to judge the fit by
 ALPHA_MAX = 3.0
 _ALPHA_GRID = np.linspace(ALPHA_MAX / 600, ALPHA_MAX, 600)  # step 0.005, then refined
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How the report fits each run's loss floor (see :func:`fit_loss_floor`)."""
+
+    metric: str = setting("loss", choices=METRICS)
+    """Training curve the loss-floor fit uses (mse/fvu suit adaptive-L1 runs better)."""
+    cutoff: float = setting(0.6, min=0, max=1, min_open=True)
+    """Fit the curve up to this fraction of tokens and predict the rest."""
+    skip: float = setting(0.1, min=0, max=1)
+    """Leave out this fraction of tokens at the start (warm-up)."""
+
+    def __post_init__(self):
+        validate(self)
+
+
+DEFAULTS = FitOptions()
 
 
 class LossFloorFit(NamedTuple):
@@ -85,7 +104,7 @@ class LossFloorFit(NamedTuple):
 # ---- reading a curve -------------------------------------------------------------------------
 
 
-def train_curve(lines: list[dict], metric: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+def train_curve(lines: list[dict], metric: str = DEFAULTS.metric) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, values) of the ``split == "train"`` lines, sorted by tokens, finite values only."""
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
@@ -97,19 +116,11 @@ def train_curve(lines: list[dict], metric: str = "loss") -> tuple[np.ndarray, np
     return tokens[keep], values[keep]
 
 
-def fit_run(run_dir: str | Path, metric: str = "loss", skip: float = 0.1,
-            cutoff: float = 0.6) -> LossFloorFit:
-    """Fit the train ``metric`` curve of the run in ``run_dir`` (its ``metrics.jsonl``)."""
-    run_dir = Path(run_dir)
-    tokens, values = train_curve(read_metrics(RunPaths(run_dir).metrics), metric)
-    return fit_loss_floor(tokens, values, skip=skip, cutoff=cutoff, run=run_dir.name, metric=metric)
-
-
 # ---- the fit ---------------------------------------------------------------------------------
 
 
-def fit_loss_floor(tokens, values, skip: float = 0.1, cutoff: float = 0.6, run: str = "run",
-                   metric: str = "loss") -> LossFloorFit:
+def fit_loss_floor(tokens, values, skip: float = DEFAULTS.skip, cutoff: float = DEFAULTS.cutoff,
+                   run: str = "run", metric: str = DEFAULTS.metric) -> LossFloorFit:
     """Fit L∞ + A·T^(−α) to the points with skip·T_last < T ≤ cutoff·T_last; predict the rest.
 
     ``skip`` and ``cutoff`` are fractions of the last point's tokens. Raises ValueError naming
