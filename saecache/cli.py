@@ -19,6 +19,7 @@ from saecache.core.options import build, config_options
 from saecache.evaluate.runs import EvalConfig
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.corpus import DatasetSpec
+from saecache.report.lossfloor import FitOptions
 from saecache.storage.verify import VERIFY_THREADS
 from saecache.train.config import ReaderConfig, TrainConfig
 
@@ -189,18 +190,14 @@ def eval_(runs, **values):
 @cli.command()
 @click.argument("runs")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
-@click.option("--metric", type=click.Choice(["loss", "mse", "fvu"]), default="loss", show_default=True,
-              help="Training curve the loss-floor fit uses (mse/fvu suit adaptive-L1 runs better).")
-@click.option("--cutoff", type=click.FloatRange(0, 1, min_open=True), default=0.6, show_default=True,
-              help="Fit the curve up to this fraction of tokens and predict the rest.")
-@click.option("--skip", type=click.FloatRange(0, 1), default=0.1, show_default=True,
-              help="Leave out this fraction of tokens at the start (warm-up).")
-def report(runs, out, metric, cutoff, skip):
+@config_options(FitOptions, "metric", "cutoff", "skip")
+def report(runs, out, **values):
     """Plots (per-layer heatmap, curves for all layers, predicted vs measured loss floor), an
     index.html and a Markdown summary of the runs in RUNS."""
     from saecache.report.report import write_report
 
-    click.echo(f"wrote {write_report(runs, out, metric=metric, cutoff=cutoff, skip=skip)}")
+    fit = _config(FitOptions, values)
+    click.echo(f"wrote {write_report(runs, out, metric=fit.metric, cutoff=fit.cutoff, skip=fit.skip)}")
 
 
 @cli.command()

@@ -246,9 +246,3 @@ def _not_a_run(path: Path) -> str:
         return f"{path} is a RUNS folder, not a run: pass its run folders ({shown})"
     return f"{path} is not a saecache run folder (no {RUN_FILE}): pass RUNS/<run> folders"
 
-
-# ---- transitional names, removed once report/ and export/ read runs through RunFolder ----------
-from saecache.core.atomic import atomic_write, read_jsonl as read_metrics  # noqa: E402,F401
-from saecache.sae.archs import parse_l1  # noqa: E402,F401
-
-RunPaths = RunFolder
