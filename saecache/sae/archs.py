@@ -32,7 +32,7 @@ class LossTerms(NamedTuple):
     """What a training step knows that a loss may need."""
 
     l1: Tensor | float
-    """The L1 coefficient in force at this step (after its warm-up)."""
+    """The sparsity coefficient in force at this step, after its warm-up (penalised archs)."""
     dead: Callable[[], Tensor]
     """(F,) bool mask of dead features, computed only when asked for."""
     aux_k: int
@@ -78,8 +78,9 @@ class Architecture:
     def before_step(self, sae: SAE) -> None:
         """Adjust the gradients after backward, before clipping and the optimiser step."""
 
-    def after_step(self, sae: SAE) -> None:
-        """Re-impose weight constraints after the optimiser step."""
+    def after_step(self, sae: SAE, out: ForwardOutput) -> None:
+        """Re-impose weight constraints (and update running state, from this step's ``out``)
+        after the optimiser step."""
 
     def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...]) -> list[dict[str, Any]]:
         """The sparsity settings (RunSpec fields) of one run each, from --l1 and --k."""
@@ -174,7 +175,7 @@ class TopK(Architecture):
     def before_step(self, sae: SAE) -> None:
         sae.remove_parallel_grad_()
 
-    def after_step(self, sae: SAE) -> None:
+    def after_step(self, sae: SAE, out: ForwardOutput) -> None:
         sae.normalize_decoder_()
 
     def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...]) -> list[dict[str, Any]]:

@@ -59,7 +59,7 @@ class SAETrainer:
         self.arch.before_step(self.sae)
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        self.arch.after_step(self.sae)
+        self.arch.after_step(self.sae, out)
         self._after_step(x, out, loss, lr)
 
     def _terms(self, step: int) -> LossTerms:
