@@ -39,7 +39,7 @@ from zarr.storage import LocalStore
 from saecache.core.errors import SaecacheError
 from saecache.storage.cache import Cache
 from saecache.storage.layout import CacheLayout
-from saecache.storage.store import run
+from saecache.storage.location import run
 from saecache.train.config import ReaderConfig
 
 CRC_BYTES = 4  # zarr's crc32c codec appends the checksum as one little-endian uint32
