@@ -13,13 +13,13 @@ import torch
 from saecache.core.errors import SaecacheError
 from saecache.harvest.loop import harvest
 from saecache.storage.cache import Cache
+from saecache.storage.chunks import chunk_file
 from saecache.storage.layout import CacheLayout
 from saecache.train.reader import (
     Plan,
     PlainReader,
     PrefetchReader,
     ReaderConfig,
-    chunk_file,
     heldout_seqs,
     read_heldout,
     split_blocks,

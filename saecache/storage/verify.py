@@ -12,6 +12,7 @@ import zarr
 from saecache.storage import layout as names
 from saecache.core.errors import first_line
 from saecache.storage.cache import Cache
+from saecache.storage.chunks import chunk_key
 
 
 class Problem(NamedTuple):
@@ -73,7 +74,7 @@ def verify(cache: Cache, threads: int = 4) -> VerifyReport:
             arr = cache.array(name)
             present = set(cache.where.list(f"{arr.path}/c/"))
             wanted = _expected_chunks(cache, name, arr, committed)
-            missing = [c for c in wanted if f"{arr.path}/{arr.metadata.encode_chunk_key(c)}" not in present]
+            missing = [c for c in wanted if chunk_key(arr, c) not in present]
             problems += [Problem(name, c, "missing") for c in missing]
             todo = [c for c in wanted if c not in set(missing)]
             bad_values = 0
