@@ -4,7 +4,8 @@ A residual chunk holds the rows of one block (``resid/LL`` chunk ``(block, 0)``)
 cache's default codecs (bytes, little endian, then crc32c) its file is the chunk's own fp16
 bytes in C order followed by a 4-byte checksum, so a plain read can stand in for zarr's
 decode (:func:`chunk_file`, :func:`read_chunk_file`); any other codec or store is decoded
-through zarr (:func:`read_chunk_zarr`). Both refuse a missing or corrupt chunk naming it.
+through zarr (:func:`read_chunk_zarr`); :func:`read_chunk` picks. Both refuse a missing or
+corrupt chunk naming it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ def chunk_file(arr: zarr.Array, block: int) -> Path | None:
     if codecs != (BytesCodec(endian="little"), Crc32cCodec()):
         return None
     return local_file(arr.store, chunk_key(arr, (block, 0)))
+
+
+def read_chunk(arr: zarr.Array, block: int, rows: slice, out: np.ndarray, *, fast: bool = True) -> int:
+    """One block's chunk into ``out`` (rows, d): a plain read of its file where that can
+    stand in for zarr's decode and ``fast`` allows it, else through zarr. Returns the bytes
+    stored for it."""
+    name = chunk_name(arr, block)
+    path = chunk_file(arr, block) if fast else None
+    if path is not None and len(out) == arr.chunks[0]:
+        return read_chunk_file(path, out.view(np.uint8), name)
+    return read_chunk_zarr(arr, block, rows, out, name)  # a short last chunk, another codec or store
 
 
 def read_chunk_file(path: Path, out: np.ndarray, name: str) -> int:
