@@ -158,7 +158,7 @@ def read_heldout(cache: Cache, layer: int, cfg: ReaderConfig, max_rows: int | No
     return torch.from_numpy(arr[start:stop])
 
 
-# ----------------------------------------------------------------------------- the reference
+# ----------------------------------------------------------------------------- both readers
 
 
 class Reader:
@@ -193,6 +193,9 @@ class Reader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------- the reference
 
 
 class PlainReader(Reader):
