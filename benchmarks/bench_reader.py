@@ -48,14 +48,9 @@ import torch
 import zarr
 
 from saecache.storage.cache import Cache
+from saecache.storage.chunks import chunk_file
 import synthetic_cache  # benchmarks/ is on sys.path when run as a script
-from saecache.train.reader import (
-    PlainReader,
-    PrefetchReader,
-    ReaderConfig,
-    chunk_file,
-    split_blocks,
-)
+from saecache.train.reader import PlainReader, PrefetchReader, ReaderConfig, split_blocks
 
 SECTION = "## Stage two: the reader"
 GB = 1e9

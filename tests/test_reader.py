@@ -13,13 +13,14 @@ import torch
 from saecache.core.errors import SaecacheError
 from saecache.harvest.loop import harvest
 from saecache.storage.cache import Cache
+from saecache.storage.chunks import chunk_file
 from saecache.storage.layout import CacheLayout
 from saecache.train.reader import (
     Plan,
     PlainReader,
     PrefetchReader,
     ReaderConfig,
-    chunk_file,
+    StagingRing,
     heldout_seqs,
     read_heldout,
     split_blocks,
@@ -274,6 +275,36 @@ def test_start_at_the_end_and_beyond(cache_path):
         assert list(reader.iter(reader.plan.n_batches)) == []
         with pytest.raises(IndexError):
             reader.iter(reader.plan.n_batches + 1)
+
+
+def test_staging_ring_cycles_its_slots_and_stages_a_group():
+    ring = StagingRing(3, rows=8, d=4, device=torch.device("cpu"))
+    slots = [ring.slot(i) for i in range(4)]
+    assert [slot for slot, _, _ in slots] == [0, 1, 2, 0]
+    assert slots[3][1] is slots[0][1]  # the ring comes round to the same buffer
+    assert all(host.shape == (8, 4) and host.dtype == torch.float16 and reuse is None
+               for _, host, reuse in slots)  # on the CPU there is no copy to wait for
+    host = slots[1][1][:5]  # (group_rows, d): a group smaller than the buffer
+    host[:] = torch.arange(20, dtype=torch.float16).view(5, 4)
+    perm = torch.tensor([4, 0, 3, 1, 2])
+    staged = ring.stage(7, 1, host, perm, ring.consumer_stream())
+    assert staged.group == 7 and staged.ready is None
+    assert torch.equal(staged.rows, host) and torch.equal(staged.perm, perm)
+    ring.free()
+    assert ring.slot(0)[1] is not slots[0][1]  # allocated again after free
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_staging_ring_on_cuda_copies_from_pinned_memory_and_records_the_copy():
+    ring = StagingRing(2, rows=8, d=4, device=torch.device("cuda"))
+    slot, host, reuse = ring.slot(0)
+    assert host.is_pinned() and reuse is None
+    host[:] = torch.arange(32, dtype=torch.float16).view(8, 4)
+    staged = ring.stage(0, slot, host, torch.arange(8).flip(0), ring.consumer_stream())
+    ring.consumer_stream().wait_event(staged.ready)
+    assert staged.rows.is_cuda and torch.equal(staged.rows.cpu(), host)
+    assert torch.equal(staged.perm.cpu(), torch.arange(8).flip(0))
+    assert ring.slot(2)[2] is staged.ready  # the next group in this buffer waits for the copy
 
 
 # ----------------------------------------------------------------------------- damage

@@ -16,7 +16,8 @@ from saecache.core.errors import SaecacheError
 from saecache.harvest.loop import harvest
 from saecache.storage import layout as names
 from saecache.storage.cache import ATTR, Cache
-from saecache.storage.store import location_exists, parse_storage_options
+from saecache.storage.objectstore import parse_storage_options
+from saecache.storage.store import location_exists
 from saecache.train.config import ReaderConfig
 from saecache.train.loop import TrainConfig, train
 from tests.conftest import harvest_config
@@ -147,6 +148,11 @@ class TestEveryStore:
         assert location_exists(location)
         Cache.remove(location)
         assert not location_exists(location) and backend.keys(location) == []
+
+    def test_a_zarr_group_that_is_not_a_cache_is_one_line(self, backend):
+        location = backend.location("other-group.zarr")
+        backend.write(location, "zarr.json", b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+        assert_one_line_error(run("info", location), f"{location} is a zarr group but not a saecache cache")
 
     def test_nothing_there_is_one_line(self, backend):
         location = backend.location("nothing.zarr")

@@ -15,8 +15,6 @@ flag is missing. Every array carries a crc32c checksum per chunk.
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
@@ -26,9 +24,9 @@ from saecache.core.errors import SaecacheError
 from saecache.storage import layout as names
 from saecache.storage import stats as stats_mod
 from saecache.storage.layout import CacheLayout
+from saecache.storage.location import Location, location_of
 from saecache.storage.provenance import Provenance
 from saecache.storage.stats import LayerStats
-from saecache.storage.store import is_url, location_exists, open_store, run
 
 FORMAT_VERSION = 1
 ATTR = "saecache"
@@ -46,22 +44,37 @@ def codecs(compression: str) -> list:
     raise SaecacheError(f"--compression {compression!r} is unknown: use none or zstd")
 
 
+def _new_header(provenance: Provenance, layout: CacheLayout) -> dict:
+    """The ``saecache`` attribute of a new cache: its format, what it is made from, its
+    layout, and no progress yet."""
+    return {"format_version": FORMAT_VERSION, "saecache_version": __version__,
+            "provenance": provenance.to_json(), "layout": layout.to_json(),
+            "tokens_done": False, "complete": False, "stats": {}}
+
+
+def _read_header(location: str, group: zarr.Group) -> dict:
+    """The ``saecache`` attribute of a group: what the cache is and how far it got. Refuses,
+    in one line, a group that is not a saecache cache or one of another format version."""
+    meta = dict(group.attrs).get(ATTR)
+    if not isinstance(meta, dict):
+        raise SaecacheError(f"{location} is a zarr group but not a saecache cache: "
+                            "choose a new or empty path")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SaecacheError(
+            f"cache at {location} has format version {meta.get('format_version')}, this "
+            f"saecache reads version {FORMAT_VERSION}: harvest it again with --overwrite"
+        )
+    return meta
+
+
 class Cache:
     """Open handle on a cache; create with :meth:`create`, open with :meth:`open`."""
 
-    def __init__(self, location: str, group: zarr.Group):
-        self.location = location
+    def __init__(self, where: Location, group: zarr.Group):
+        self.where = where  # where the cache lives
+        self.location = str(where)  # the CACHE text it was opened with, as messages show it
         self.group = group
-        meta = dict(group.attrs).get(ATTR)
-        if not isinstance(meta, dict):
-            raise SaecacheError(f"{location} is a zarr group but not a saecache cache: "
-                                "choose a new or empty path")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise SaecacheError(
-                f"cache at {location} has format version {meta.get('format_version')}, this "
-                f"saecache reads version {FORMAT_VERSION}: harvest it again with --overwrite"
-            )
-        self.meta = meta
+        self.meta = _read_header(self.location, group)
         self._arrays: dict[str, zarr.Array] = {}  # opened once: each open reads metadata
 
     # ---- opening and creating -------------------------------------------------------------
@@ -70,48 +83,31 @@ class Cache:
     def open(cls, location: str, *, writable: bool = False,
              storage_options: dict | None = None) -> Cache:
         """Open an existing cache; one-line error if there is none at ``location``."""
-        if not location_exists(location, storage_options):
+        where = location_of(location, storage_options)
+        if not where.exists():
             raise SaecacheError(f"no saecache cache at {location}: run saecache harvest first")
         try:
-            store = open_store(location, read_only=not writable, storage_options=storage_options)
-            group = zarr.open_group(store, mode="r+" if writable else "r")
+            group = zarr.open_group(where.store(read_only=not writable), mode="r+" if writable else "r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             raise SaecacheError(f"{location} is not a saecache cache (it holds no zarr group): "
                                 "choose a new or empty path") from None
-        return cls(location, group)
+        return cls(where, group)
 
     @classmethod
     def create(cls, location: str, provenance: Provenance, layout: CacheLayout, *,
                storage_options: dict | None = None) -> Cache:
         """A new, empty cache at ``location`` (which must be empty or absent)."""
-        if location_exists(location, storage_options):
+        where = location_of(location, storage_options)
+        if where.exists():
             raise SaecacheError(f"{location} already exists and is not empty; choose a new CACHE path")
-        store = open_store(location, read_only=False, storage_options=storage_options)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "saecache_version": __version__,
-            "provenance": provenance.to_json(),
-            "layout": layout.to_json(),
-            "tokens_done": False,
-            "complete": False,
-            "stats": {},
-        }
-        group = zarr.create_group(store, attributes={ATTR: meta})
-        return cls(location, group)
+        header = _new_header(provenance, layout)
+        group = zarr.create_group(where.store(read_only=False), attributes={ATTR: header})
+        return cls(where, group)
 
     @staticmethod
     def remove(location: str, storage_options: dict | None = None) -> None:
         """Delete the cache at ``location`` (``--overwrite``); refuses anything else."""
-        Cache.open(location, storage_options=storage_options)  # proves it is a cache
-        if is_url(location):
-            store = open_store(location, read_only=False, storage_options=storage_options)
-            run(store.delete_dir(""))
-        else:
-            shutil.rmtree(location.removeprefix("file://"))
-
-    @property
-    def store(self):
-        return self.group.store
+        Cache.open(location, storage_options=storage_options).where.remove()  # open: proves it is a cache
 
     # ---- what it is ------------------------------------------------------------------------
 
@@ -133,16 +129,7 @@ class Cache:
 
     def check_matches(self, provenance: Provenance, layout: CacheLayout) -> None:
         """Refuse, in one line, to mix a different model, data or layout into this cache."""
-        diffs = self.provenance.differences(provenance)
-        mine, theirs = self.layout, layout
-        for label, a, b in (
-            ("ctx", mine.ctx, theirs.ctx),
-            ("layers", list(mine.layers), list(theirs.layers)),
-            ("sequences per block (--chunk-rows)", mine.seqs_per_block, theirs.seqs_per_block),
-            ("compression", mine.compression, theirs.compression),
-        ):
-            if a != b:
-                diffs.append(f"{label} is {a!r} in the cache, not {b!r}")
+        diffs = self.provenance.differences(provenance) + self.layout.differences(layout)
         if diffs:
             raise SaecacheError(
                 f"cache at {self.location} differs from this harvest: {diffs[0]}; re-run with "
@@ -216,12 +203,8 @@ class Cache:
 
     def finalize(self) -> None:
         """Reduce the per-block statistics into the attributes and mark the cache complete."""
-        sums = self.block_stats()
-        stats = {
-            f"{layer:02d}": LayerStats.reduce(sums[:, i]).to_json()
-            for i, layer in enumerate(self.layout.layers)
-        }
-        self._update(stats=stats, complete=True)
+        stats = stats_mod.per_layer(self.block_stats(), self.layout.layers)
+        self._update(stats={f"{layer:02d}": s.to_json() for layer, s in stats.items()}, complete=True)
 
     def layer_stats(self, layer: int) -> LayerStats:
         """The statistics of one layer of a complete cache."""

@@ -6,8 +6,7 @@ import numpy as np
 
 from saecache.storage import layout as names
 from saecache.storage.cache import Cache
-from saecache.storage.stats import LayerStats
-from saecache.storage.store import size_of
+from saecache.storage.stats import per_layer
 from saecache.core.units import format_count, format_layers
 
 
@@ -17,7 +16,7 @@ def describe(cache: Cache) -> dict:
     committed = cache.committed()
     done_seqs = sum(len(lay.block_seqs(int(b))) for b in np.flatnonzero(committed))
     resid_logical = done_seqs * lay.ctx * lay.d * 2 * len(lay.layers)
-    resid_stored = sum(size_of(cache.store, names.resid_name(layer)) for layer in lay.layers)
+    resid_stored = sum(cache.where.size(names.resid_name(layer)) for layer in lay.layers)
     return {
         "location": cache.location,
         "format_version": cache.meta["format_version"],
@@ -33,7 +32,7 @@ def describe(cache: Cache) -> dict:
             "complete": cache.complete,
         },
         "storage": {
-            "bytes_on_disk": size_of(cache.store),
+            "bytes_on_disk": cache.where.size(),
             "resid_bytes_logical": resid_logical,
             "resid_bytes_stored": resid_stored,
             "compression_ratio": resid_logical / resid_stored if resid_stored else None,
@@ -47,8 +46,7 @@ def _stats(cache: Cache, committed: np.ndarray) -> dict:
     if cache.complete:
         stats = {layer: cache.layer_stats(layer) for layer in cache.layout.layers}
     elif committed.any():
-        sums = cache.block_stats()[committed]  # (blocks, n_layers, d + 4)
-        stats = {layer: LayerStats.reduce(sums[:, i]) for i, layer in enumerate(cache.layout.layers)}
+        stats = per_layer(cache.block_stats()[committed], cache.layout.layers)  # over committed blocks
     else:
         return {}
     return {f"{layer:02d}": {"mean_norm": s.mean_norm, "mean_sq_norm": s.mean_sq_norm,

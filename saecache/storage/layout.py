@@ -19,6 +19,13 @@ BLOCK_STATS = "blocks/stats"
 # Target rows per residual chunk: 16384 × 1024 fp16 = 32 MiB at Pythia-410M's width, the size
 # that wrote and read best (docs/benchmarks.md, "Cache layout").
 DEFAULT_CHUNK_ROWS = 16384
+# Fields a resumed harvest must share with the cache: (label in messages, field name).
+_IDENTITY = (
+    ("ctx", "ctx"),
+    ("layers", "layers"),
+    ("sequences per block (--chunk-rows)", "seqs_per_block"),
+    ("compression", "compression"),
+)
 
 
 def resid_name(layer: int) -> str:
@@ -69,6 +76,13 @@ class CacheLayout:
         """The residual rows of one block: row r is token (r // ctx, r % ctx)."""
         seqs = self.block_seqs(block)
         return slice(seqs.start * self.ctx, seqs.stop * self.ctx)
+
+    def differences(self, requested: CacheLayout) -> list[str]:
+        """Human-readable differences in what a resumed harvest must keep (the sequence count
+        is not compared: it is known only once tokenisation has finished)."""
+        mine, theirs = self.to_json(), requested.to_json()  # layers as lists, as messages show them
+        return [f"{label} is {mine[name]!r} in the cache, not {theirs[name]!r}"
+                for label, name in _IDENTITY if mine[name] != theirs[name]]
 
     def to_json(self) -> dict:
         return {**asdict(self), "layers": list(self.layers)}

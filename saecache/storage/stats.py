@@ -84,3 +84,8 @@ class LayerStats(NamedTuple):
     def from_json(cls, data: dict) -> LayerStats:
         return cls(np.asarray(data["mean"], dtype=np.float64), float(data["mean_norm"]),
                    float(data["mean_sq_norm"]), int(data["rows"]), int(data["nonfinite"]))
+
+
+def per_layer(sums: np.ndarray, layers: tuple[int, ...]) -> dict[int, LayerStats]:
+    """Layer → its statistics, from per-block sums: (blocks, n_layers, d + 4) float64."""
+    return {layer: LayerStats.reduce(sums[:, i]) for i, layer in enumerate(layers)}

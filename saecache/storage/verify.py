@@ -12,7 +12,7 @@ import zarr
 from saecache.storage import layout as names
 from saecache.core.errors import first_line
 from saecache.storage.cache import Cache
-from saecache.storage.store import list_prefix
+from saecache.storage.chunks import chunk_key
 
 
 class Problem(NamedTuple):
@@ -76,9 +76,9 @@ def verify(cache: Cache, threads: int = VERIFY_THREADS) -> VerifyReport:
     with ThreadPoolExecutor(threads) as pool:
         for name in node_names:
             arr = cache.array(name)
-            present = set(list_prefix(cache.store, f"{arr.path}/c/"))
+            present = set(cache.where.list(f"{arr.path}/c/"))
             wanted = _expected_chunks(cache, name, arr, committed)
-            missing = [c for c in wanted if f"{arr.path}/{arr.metadata.encode_chunk_key(c)}" not in present]
+            missing = [c for c in wanted if chunk_key(arr, c) not in present]
             problems += [Problem(name, c, "missing") for c in missing]
             todo = [c for c in wanted if c not in set(missing)]
             bad_values = 0

@@ -19,30 +19,23 @@ the permutation is applied on the device.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
-from pathlib import Path
 from typing import NamedTuple
 
-import google_crc32c
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec
-from zarr.storage import LocalStore
 
 from saecache.core.errors import SaecacheError
 from saecache.storage.cache import Cache
+from saecache.storage.chunks import chunk_file, chunk_name, read_chunk, read_chunk_zarr
 from saecache.storage.layout import CacheLayout
-from saecache.storage.store import run
 from saecache.train.config import ReaderConfig
-
-CRC_BYTES = 4  # zarr's crc32c codec appends the checksum as one little-endian uint32
 
 
 # ----------------------------------------------------------------------------- held-out split
@@ -165,93 +158,15 @@ def read_heldout(cache: Cache, layer: int, cfg: ReaderConfig, max_rows: int | No
     return torch.from_numpy(arr[start:stop])
 
 
-# ----------------------------------------------------------------------------- reading chunks
+# ----------------------------------------------------------------------------- both readers
 
 
-def chunk_name(arr: zarr.Array, block: int) -> str:
-    """``resid/05 chunk (3, 0)``: how errors name a chunk."""
-    return f"{arr.path} chunk ({block}, 0)"
+class Reader:
+    """What both readers share: one layer's array and the :class:`Plan` of a pass over it,
+    the counters, and use as an iterable and a context manager.
 
-
-def chunk_file(arr: zarr.Array, block: int) -> Path | None:
-    """The file of a block's chunk when plain reads can replace zarr's decode, else None.
-
-    That is when the store is a local folder and the codecs are exactly bytes (little
-    endian, so the file holds the array's own fp16 bytes in C order) and crc32c: the file
-    is then the chunk's data followed by its 4-byte checksum.
-    """
-    codecs = tuple(arr.metadata.codecs)
-    plain = codecs == (BytesCodec(endian="little"), Crc32cCodec())
-    if not (plain and isinstance(arr.store, LocalStore)):
-        return None
-    return Path(arr.store.root) / arr.path / arr.metadata.encode_chunk_key((block, 0))
-
-
-def read_chunk_file(path: Path, out: np.ndarray, name: str) -> int:
-    """Read one chunk file into ``out`` (a C-contiguous uint8 view of its rows), check its
-    crc32c; returns the bytes read. ``name`` says which chunk in errors."""
-    size = out.nbytes
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise SaecacheError(f"{name} is missing ({path}): run saecache verify on the cache") from None
-    try:
-        stored = os.fstat(fd).st_size
-        if stored != size + CRC_BYTES:
-            raise SaecacheError(f"{name} ({path}) holds {stored} bytes, not {size + CRC_BYTES}: "
-                                "the cache is corrupt; run saecache verify on it")
-        _pread_into(fd, memoryview(out.reshape(-1)), 0)  # straight into the (pinned) buffer: no copy
-        tail = os.pread(fd, CRC_BYTES, size)
-    finally:
-        os.close(fd)
-    # google_crc32c 1.9 releases the GIL only for a `bytes` argument of 1 MiB or more; for
-    # this numpy view it holds the GIL (measured: 9.8 GB/s from 1 thread, 9.7 from 2). That
-    # serialises checksums across workers at ~10 GB/s per process, well above the ~1 GB/s a
-    # GPU trains on; the reads themselves (os.preadv) release it.
-    computed = google_crc32c.value(out)
-    if computed != int.from_bytes(tail, "little"):
-        raise SaecacheError(
-            f"{name} ({path}) fails its crc32c check (stored {int.from_bytes(tail, 'little'):#010x}, "
-            f"computed {computed:#010x}): the cache is corrupt; run saecache verify on it"
-        )
-    return stored
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``fd`` at ``offset``; preadv may return fewer bytes than asked."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise EOFError(f"file ended after {offset + done} bytes")
-        done += n
-
-
-def read_chunk_zarr(arr: zarr.Array, block: int, rows: slice, out: np.ndarray, name: str) -> int:
-    """Decode one chunk through zarr (any codec, any store) into ``out`` (rows, d); returns
-    the bytes stored for it. zarr's crc32c codec checks the checksum."""
-    key = f"{arr.path}/{arr.metadata.encode_chunk_key((block, 0))}"
-    try:
-        stored = run(arr.store.getsize(key))  # first: zarr would read a missing chunk as zeros
-    except FileNotFoundError:
-        raise SaecacheError(f"{name} is missing: the cache is incomplete or damaged; run "
-                            "saecache verify on it") from None
-    try:
-        out[...] = arr[rows]
-    except ValueError as err:  # zarr's crc32c codec: "Stored and computed checksum do not match"
-        raise SaecacheError(f"{name} could not be read ({err}): the cache is corrupt; "
-                            "run saecache verify on it") from err
-    return stored
-
-
-# ----------------------------------------------------------------------------- the reference
-
-
-class PlainReader:
-    """The obvious reader: each group's chunks read through zarr, shuffled with numpy.
-
-    Slow, and the reference the fast reader is tested against. Yields (B, d) float16 CPU
-    tensors in plan order; ``iter(start_batch)`` starts anywhere in the pass.
+    Counters (over the reader's life): ``bytes_read`` (stored bytes of the chunks read),
+    ``wait_seconds`` (time the consumer waited for data), ``batches`` (batches yielded).
     """
 
     def __init__(self, cache: Cache, layer: int, cfg: ReaderConfig = ReaderConfig()):
@@ -265,6 +180,30 @@ class PlainReader:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.iter()
+
+    def iter(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """(B, d) float16 batches from batch ``start_batch`` of the pass."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Nothing to release unless a reader says otherwise; here so both are used the same way."""
+
+    def __enter__(self):  # -> the reader itself
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+class PlainReader(Reader):
+    """The obvious reader: each group's chunks read through zarr, shuffled with numpy.
+
+    Slow, and the reference the fast reader is tested against. Yields (B, d) float16 CPU
+    tensors in plan order; ``iter(start_batch)`` starts anywhere in the pass.
+    """
 
     def iter(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """(B, d) float16 CPU batches from batch ``start_batch`` of the pass; earlier groups
@@ -293,15 +232,6 @@ class PlainReader:
             parts.append(out)
         return np.concatenate(parts)
 
-    def close(self) -> None:
-        """Nothing to release; here so both readers are used the same way."""
-
-    def __enter__(self) -> PlainReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 # ----------------------------------------------------------------------------- the fast path
 
@@ -318,15 +248,70 @@ class _Staged(NamedTuple):
     """Recorded after the copies on the side stream (CUDA); the consumer's stream waits on it."""
 
 
-class PrefetchReader:
+class StagingRing:
+    """The host side of :class:`PrefetchReader`: a ring of host buffers, one group each, and
+    the move of a filled buffer onto the device.
+
+    ``slots`` buffers of (rows, d) float16, allocated on first use and pinned when the device
+    is CUDA. The ``i``-th group of a pass goes into slot ``i % slots``; before a worker writes
+    a buffer again it waits for the copy of the group that was in it before (:meth:`slot`).
+    """
+
+    def __init__(self, slots: int, rows: int, d: int, device: torch.device):
+        self.slots, self.shape, self.device = slots, (rows, d), device
+        self.cuda = device.type == "cuda"
+        self._side = torch.cuda.Stream(device) if self.cuda else None
+        self._buffers: list[torch.Tensor] = []  # the ring, allocated on first use
+        self._copied: list[torch.cuda.Event | None] = [None] * slots
+
+    def consumer_stream(self) -> torch.cuda.Stream | None:
+        """The stream batches are made on: the current one (CUDA), else None."""
+        return torch.cuda.current_stream(self.device) if self.cuda else None
+
+    def slot(self, i: int) -> tuple[int, torch.Tensor, torch.cuda.Event | None]:
+        """(slot, its host buffer, the event of the last copy out of it) for the ``i``-th group
+        of a pass."""
+        if not self._buffers:
+            # Pinned (page-locked) host memory lets the copy to the GPU run asynchronously, by
+            # DMA, at full speed (55 GB/s on an H200 against 14 GB/s from pageable memory).
+            self._buffers = [torch.empty(self.shape, dtype=torch.float16, pin_memory=self.cuda)
+                             for _ in range(self.slots)]  # (mix_chunks * rows_per_block, d) each
+        slot = i % self.slots
+        return slot, self._buffers[slot], self._copied[slot]
+
+    def stage(self, group: int, slot: int, host: torch.Tensor, perm: torch.Tensor, consumer) -> _Staged:
+        """Put a filled buffer's rows ``host`` (group_rows, d) and the group's permutation
+        ``perm`` (group_rows,) int64 on the device."""
+        if not self.cuda:  # CPU: the host buffer is the device copy; batches are gathered out of it
+            return _Staged(group, host.to(self.device), perm, None)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._side):
+            # Copies on a side stream overlap the consumer's kernels; non_blocking from pinned
+            # memory returns at once (the perm is pinned too, so its copy is async as well).
+            rows = host.to(self.device, non_blocking=True)  # (group_rows, d)
+            perm = perm.pin_memory().to(self.device, non_blocking=True)  # (group_rows,)
+            ready = torch.cuda.Event()
+            ready.record(self._side)
+        # Allocated on the side stream but used on the consumer's: without record_stream the
+        # caching allocator could hand the memory out again while consumer kernels still read it.
+        rows.record_stream(consumer)
+        perm.record_stream(consumer)
+        self._copied[slot] = ready  # the next reads into this buffer wait for this copy
+        return _Staged(group, rows, perm, ready)
+
+    def free(self) -> None:
+        """Release the host buffers (allocated again if the ring is used again)."""
+        self._buffers = []
+
+
+class PrefetchReader(Reader):
     """The fast reader: the same batches as :class:`PlainReader`, bitwise, on ``device``.
 
     Pipeline, for a pass over groups g0, g1, …:
 
     - Worker threads (``cfg.threads``) read the chunks of the next ``prefetch_groups`` groups
       while the consumer trains on the current one. Each group has its own host buffer of
-      ``mix_chunks`` chunks (a ring of ``prefetch_groups + 1``), pinned when the device is
-      CUDA. A chunk goes straight from its file into its rows of that buffer with
+      ``mix_chunks`` chunks (a :class:`StagingRing` of ``prefetch_groups + 1``), pinned when the
+      device is CUDA. A chunk goes straight from its file into its rows of that buffer with
       ``os.preadv`` and is checked against its crc32c (:func:`chunk_file`), or is decoded by
       zarr where plain reads cannot stand in for it (zstd, an fsspec URL, ``fast=False``).
     - One stager thread waits for a group's chunks and moves the whole group to the device
@@ -335,9 +320,8 @@ class PrefetchReader:
     - The consumer cuts batches with ``rows.index_select(0, perm[o*B:(o+1)*B])`` on the
       device: the host never shuffles rows.
 
-    Counters (over the reader's life): ``bytes_read`` (stored bytes of the chunks read),
-    ``wait_seconds`` (time the consumer waited for a group), ``batches`` (batches yielded).
-    One pass is active at a time: ``iter()`` closes the previous one. On CUDA the batches are
+    Counters as :class:`Reader`'s (``wait_seconds``: the time the consumer waited for a
+    group). One pass is active at a time: ``iter()`` closes the previous one. On CUDA the batches are
     made on the stream that is current when ``iter()`` is called; use them on that stream.
     Host memory: ``(prefetch_groups + 1) * mix_chunks`` chunks (768 MiB at the defaults and
     32 MiB chunks), pinned on CUDA; about as much again on the device.
@@ -345,30 +329,19 @@ class PrefetchReader:
 
     def __init__(self, cache: Cache, layer: int, cfg: ReaderConfig = ReaderConfig(),
                  device: str | torch.device = "cpu", *, fast: bool = True):
-        self.arr = layer_array(cache, layer)
-        self.layout = cache.layout
-        self.cfg = cfg
+        super().__init__(cache, layer, cfg)
         self.device = torch.device(device)
-        self.plan = Plan(self.layout, layer, cfg)
         self.fast_path = fast and chunk_file(self.arr, 0) is not None
         """Whether chunks are read as plain files (else decoded through zarr)."""
-        self.bytes_read = 0
-        self.wait_seconds = 0.0
-        self.batches = 0
-        self._cuda = self.device.type == "cuda"
-        self._side = torch.cuda.Stream(self.device) if self._cuda else None
+        self._ring = StagingRing(cfg.prefetch_groups + 1, cfg.mix_chunks * self.layout.rows_per_block,
+                                 self.layout.d, self.device)
         self._workers = ThreadPoolExecutor(cfg.threads, thread_name_prefix="saecache-read")
         self._stager = ThreadPoolExecutor(1, thread_name_prefix="saecache-stage")
-        self._buffers: list[torch.Tensor] = []  # the host ring, allocated on first use
-        self._copied: list[torch.cuda.Event | None] = [None] * (cfg.prefetch_groups + 1)
         self._lock = threading.Lock()
         self._active: Iterator[torch.Tensor] | None = None
         self._inflight: deque[tuple[Future, list[Future]]] = deque()  # (staging, chunk reads) per group
 
     # ---- the consumer's side --------------------------------------------------------------
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self.iter()
 
     def iter(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """(B, d) float16 batches on the device, from batch ``start_batch`` of the pass.
@@ -378,9 +351,7 @@ class PrefetchReader:
         """
         self._close_active()
         todo, offset = self.plan.groups_from(start_batch)
-        if not self._buffers:
-            self._allocate_buffers()
-        consumer = torch.cuda.current_stream(self.device) if self._cuda else None
+        consumer = self._ring.consumer_stream()
         ahead = min(self.cfg.prefetch_groups, len(todo))
         self._inflight = deque(self._submit(todo[i], i, consumer) for i in range(ahead))
         self._active = self._pass(todo, offset, consumer, self._inflight)
@@ -423,19 +394,10 @@ class PrefetchReader:
 
     # ---- reading a group ------------------------------------------------------------------
 
-    def _allocate_buffers(self) -> None:
-        rows = self.cfg.mix_chunks * self.layout.rows_per_block
-        # Pinned (page-locked) host memory lets the copy to the GPU run asynchronously, by DMA,
-        # at full speed (55 GB/s on an H200 against 14 GB/s from pageable memory).
-        self._buffers = [torch.empty((rows, self.layout.d), dtype=torch.float16, pin_memory=self._cuda)
-                         for _ in range(self.cfg.prefetch_groups + 1)]  # (mix_chunks * rows_per_block, d) each
-
     def _submit(self, group: int, i: int, consumer) -> tuple[Future, list[Future]]:
-        """Start reading the ``i``-th group of the pass into ring slot ``i % len(ring)``;
-        returns (its staging future, its chunk futures)."""
-        slot = i % len(self._buffers)
-        host = self._buffers[slot]
-        reuse = self._copied[slot]  # the previous group's copy out of this buffer
+        """Start reading the ``i``-th group of the pass into its ring slot; returns (its
+        staging future, its chunk futures)."""
+        slot, host, reuse = self._ring.slot(i)  # reuse: the previous group's copy out of host
         reads, start = [], 0
         for block in self.plan.groups[group]:
             rows = self.layout.block_rows(block)
@@ -448,12 +410,7 @@ class PrefetchReader:
         """Worker: one chunk into its rows of a host buffer."""
         if reuse is not None:
             reuse.synchronize()  # the GPU may still be copying the buffer's previous group
-        name = chunk_name(self.arr, block)
-        path = chunk_file(self.arr, block) if self.fast_path else None
-        if path is not None and _n_rows(rows) == self.arr.chunks[0]:
-            n = read_chunk_file(path, out.numpy().view(np.uint8), name)
-        else:  # a short last chunk, another codec or store: zarr decodes
-            n = read_chunk_zarr(self.arr, block, rows, out.numpy(), name)
+        n = read_chunk(self.arr, block, rows, out.numpy(), fast=self.fast_path)  # file or zarr
         with self._lock:
             self.bytes_read += n
 
@@ -463,21 +420,7 @@ class PrefetchReader:
         for read in reads:
             read.result()  # raises the first worker error (or CancelledError when stopped)
         perm = torch.from_numpy(self.plan.permutation(group))  # (group_rows,) int64
-        if not self._cuda:  # CPU: the host buffer is the device copy; batches are gathered out of it
-            return _Staged(group, host.to(self.device), perm, None)
-        with torch.cuda.device(self.device), torch.cuda.stream(self._side):
-            # Copies on a side stream overlap the consumer's kernels; non_blocking from pinned
-            # memory returns at once (the perm is pinned too, so its copy is async as well).
-            rows = host.to(self.device, non_blocking=True)  # (group_rows, d)
-            perm = perm.pin_memory().to(self.device, non_blocking=True)  # (group_rows,)
-            ready = torch.cuda.Event()
-            ready.record(self._side)
-        # Allocated on the side stream but used on the consumer's: without record_stream the
-        # caching allocator could hand the memory out again while consumer kernels still read it.
-        rows.record_stream(consumer)
-        perm.record_stream(consumer)
-        self._copied[slot] = ready  # the next reads into this buffer wait for this copy
-        return _Staged(group, rows, perm, ready)
+        return self._ring.stage(group, slot, host, perm, consumer)
 
     # ---- stopping ---------------------------------------------------------------------------
 
@@ -500,10 +443,4 @@ class PrefetchReader:
         self._close_active()
         self._workers.shutdown(wait=True, cancel_futures=True)
         self._stager.shutdown(wait=True, cancel_futures=True)
-        self._buffers = []
-
-    def __enter__(self) -> PrefetchReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._ring.free()

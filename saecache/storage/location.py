@@ -1,0 +1,162 @@
+"""Where a cache lives: a local folder or an fsspec URL, behind one small interface.
+
+:func:`location_of` makes the :class:`Location` for the CACHE text of the command line (and
+its ``--storage-option`` values): a :class:`LocalFolder` for a path or ``file://`` URL, a
+:class:`UrlLocation` for ``s3://bucket/path`` and every other fsspec URL. Both answer the
+same questions (is anything there, what is under a prefix and how big, remove it all, clean
+up after a killed writer) and open the same kind of zarr v3 store (zarr's ``LocalStore`` and
+``FsspecStore`` share one interface), so no other module asks which kind it has.
+
+zarr's store API is async; :func:`run` drives it from synchronous code on zarr's own event
+loop, the same way zarr's synchronous ``Array`` does.
+"""
+
+from __future__ import annotations
+
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from zarr.abc.store import Store
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+from saecache.storage import objectstore
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one of a store's async methods to completion from synchronous code."""
+    return sync(coro)
+
+
+def is_url(location: str) -> bool:
+    """True for ``s3://bucket/path`` and other fsspec URLs, False for a local path."""
+    return "://" in location and not location.startswith("file://")
+
+
+def location_of(text: str, storage_options: dict | None = None) -> Location:
+    """The location CACHE names: a local folder, or an fsspec URL reached with
+    ``storage_options`` (``--storage-option`` strings, parsed here: a bad one is refused now)."""
+    if is_url(text):
+        return UrlLocation(text, storage_options or {})
+    return LocalFolder(text)
+
+
+def local_file(store: Store, key: str) -> Path | None:
+    """The file holding ``key`` when ``store`` keeps its keys as files in a local folder, else
+    None (an object store): where plain reads can stand in for the store's."""
+    return Path(store.root) / key if isinstance(store, LocalStore) else None
+
+
+class Location(ABC):
+    """A place a cache can be: one folder or one URL prefix. ``str()`` is the text it was
+    made from, as messages and ``saecache info`` show it."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.text!r})"
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether anything is there already (a folder with entries, a file, or objects)."""
+
+    @abstractmethod
+    def store(self, read_only: bool) -> Store:
+        """The zarr v3 store at this location (created, when writing, where that means anything)."""
+
+    @abstractmethod
+    def remove(self) -> None:
+        """Delete everything at this location."""
+
+    def list(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``: one listing, not one request per key."""
+        store = self.store(read_only=True)
+
+        async def collect() -> list[str]:
+            return [key async for key in store.list_prefix(prefix)]
+
+        return run(collect())
+
+    def size(self, prefix: str = "") -> int:
+        """Bytes stored under ``prefix`` (everything for ``""``)."""
+        return run(self.store(read_only=True).getsize_prefix(prefix))
+
+    def clean_partials(self) -> int:
+        """Delete what a killed writer left half-written; returns how many. Call only while no
+        other process writes. Nothing to do unless a subclass says otherwise."""
+        return 0
+
+
+class LocalFolder(Location):
+    """A folder on this machine (``path`` or ``file://path``)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.path = Path(text.removeprefix("file://"))
+
+    def exists(self) -> bool:
+        return self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir()))
+
+    def store(self, read_only: bool) -> LocalStore:
+        if not read_only:
+            self.path.mkdir(parents=True, exist_ok=True)
+        return LocalStore(self.path, read_only=read_only)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path)
+
+    def clean_partials(self) -> int:
+        """zarr's local store writes ``KEY.<uuid>.partial`` and renames it to ``KEY``; a kill
+        in between leaves the temporary file, which these remove."""
+        leftovers = list(self.path.rglob("*.partial"))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
+
+
+class UrlLocation(Location):
+    """A prefix on an object store (``s3://bucket/path``, any fsspec URL). An object appears
+    whole or not at all, so a killed writer leaves nothing to clean up."""
+
+    def __init__(self, text: str, storage_options: dict):
+        super().__init__(text)
+        self.options = objectstore.parse_storage_options(text, storage_options)
+        """The fsspec options, typed."""
+
+    def exists(self) -> bool:
+        """For a URL this is the first request a command makes, so here an unreachable
+        endpoint, refused credentials or a missing bucket become one-line errors."""
+        store = self.store(read_only=True)
+        with objectstore.errors(self.text, self.options):
+            if run(store.exists("zarr.json")):  # a cache or another zarr group: one HEAD request
+                return True
+            try:
+                return not run(store.is_empty(""))  # lists the prefix; fails on a missing bucket
+            except FileNotFoundError as err:
+                raise objectstore.missing_bucket(self.text, self.options, err) from None
+
+    def store(self, read_only: bool) -> FsspecStore:
+        return objectstore.fsspec_store(self.text, self.options).with_read_only(read_only)
+
+    def remove(self) -> None:
+        run(self.store(read_only=False).delete_dir(""))
+
+    def size(self, prefix: str = "") -> int:
+        store = self.store(read_only=True)
+        # One paginated listing carries every object's size; zarr's getsize_prefix would
+        # ask for each object's size separately (a HEAD request per chunk on S3).
+        path = f"{store.path}/{prefix}".rstrip("/")
+        found = run(store.fs._find(path, detail=True, withdirs=False))  # {name: info}
+        sizes = [info.get("size") for info in found.values()]
+        if all(size is not None for size in sizes):
+            return sum(int(size) for size in sizes)
+        return super().size(prefix)
