@@ -17,7 +17,7 @@ from saecache.harvest.loop import harvest
 from saecache.storage import layout as names
 from saecache.storage.cache import ATTR, Cache
 from saecache.storage.objectstore import parse_storage_options
-from saecache.storage.store import location_exists
+from saecache.storage.location import location_of
 from saecache.train.config import ReaderConfig
 from saecache.train.loop import TrainConfig, train
 from tests.conftest import harvest_config
@@ -145,9 +145,9 @@ class TestEveryStore:
 
     def test_remove_deletes_every_object_of_a_cache(self, backend, cache_path):
         location = backend.copy_in(cache_path, "doomed.zarr")
-        assert location_exists(location)
+        assert location_of(location).exists()
         Cache.remove(location)
-        assert not location_exists(location) and backend.keys(location) == []
+        assert not location_of(location).exists() and backend.keys(location) == []
 
     def test_a_zarr_group_that_is_not_a_cache_is_one_line(self, backend):
         location = backend.location("other-group.zarr")

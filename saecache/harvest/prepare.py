@@ -24,7 +24,7 @@ from saecache.harvest.packing import Sequence, pack, tokenize_documents
 from saecache.storage.cache import Cache
 from saecache.storage.layout import CacheLayout
 from saecache.storage.provenance import Provenance
-from saecache.storage.store import location_exists, remove_partial_writes
+from saecache.storage.location import location_of
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,13 @@ def blocks_path_of(config, n_layers: int) -> str:
 def open_or_create(cfg: HarvestConfig, provenance: Provenance, layout: CacheLayout,
                     tokenizer) -> Cache:
     """The cache to fill: the existing one if it matches, else a new one with its tokens."""
-    exists = location_exists(cfg.cache, cfg.storage_options)
+    where = location_of(cfg.cache, cfg.storage_options)
+    exists = where.exists()
     cache = None
     if exists and not cfg.overwrite:
         cache = Cache.open(cfg.cache, writable=True, storage_options=cfg.storage_options)
         cache.check_matches(provenance, layout)
-        if removed := remove_partial_writes(cfg.cache):  # before any rank writes again
+        if removed := where.clean_partials():  # before any rank writes again
             log.info("removed %d partial chunk files left by an interrupted harvest", removed)
         if cache.tokens_done:
             return cache
