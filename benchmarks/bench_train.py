@@ -48,7 +48,7 @@ def limit(cache, args, precision: str, l1: tuple[str, ...], steps: int) -> float
     """Tokens/s of the runs' steps on one batch resident on the device."""
     with tempfile.TemporaryDirectory() as out:
         cfg = config(cache.location, out, args, precision, l1, steps * args.batch_size)
-        runs = [SAETrainer(spec, cfg, cache.layout.d) for spec in cfg.run_specs(LAYER)]
+        runs = [SAETrainer(spec, cfg, cache.layout.d) for spec in cfg.run_specs(LAYER, cache.layout.d)]
         x = torch.randn(args.batch_size, cache.layout.d, device=args.device)  # (B, d) on the device
         for step in range(3):  # warm-up
             for run in runs:

@@ -152,7 +152,7 @@ def verify(cache, threads, storage_option):
 @click.argument("cache")
 @config_options(TrainConfig, "layers", "out", "arch", "expansion", "l1", "k", "tokens", "snapshots")
 @config_options(ReaderConfig, "batch_size", prefix="reader_")
-@config_options(TrainConfig, "lr", "lr_warmup", "lr_decay", "l1_warmup", "grad_clip")
+@config_options(TrainConfig, "lr", "lr_warmup", "lr_decay", "l1_warmup", "l0_ramp", "grad_clip")
 @config_options(ReaderConfig, "seed", prefix="reader_")
 @config_options(TrainConfig, "device", "precision", "dead_window", "log_every", "checkpoint_every")
 @config_options(ReaderConfig, "mix_chunks", "threads", prefix="reader_")

@@ -170,8 +170,9 @@ def test_demo_runs_offline(demo):
     out, result = demo
     assert result.exit_code == 0, result.output
     assert "32/32 blocks" in result.output and "complete" in result.output
-    assert "layer01-relu-x4-l1-0.0003: sae_layer01_final.pt: held-out FVU" in result.output
+    assert "layer01-relu-x4-l1-0.01: sae_layer01_final.pt: held-out FVU" in result.output
     assert "CE loss recovered" in result.output and "report: " in result.output
-    assert (out / "runs" / "layer01-relu-x4-adaptive-l0-32" / "sae_layer01_16K.pt").exists()
+    assert "layer01-topk-x4-k16: L0 16.0 of F = 256, FVU" in result.output  # sparse SAEs, with F
+    assert (out / "runs" / "layer01-relu-x4-adaptive-l0-16" / "sae_layer01_16K.pt").exists()
     assert (out / "report" / "index.html").exists()
     assert "\r" not in result.output  # no progress bar when not a terminal

@@ -1,5 +1,6 @@
-"""What saecache 0.1.0 wrote still works: its cache trains to the same weights, its runs resume
-and evaluate to the same figures (tests/data/saecache-0.1.0, made by make_fixture.py there)."""
+"""What saecache 0.1.0 wrote still works: its cache trains, its runs evaluate to the same figures
+and are refused, in one line, for resuming under newer training conventions
+(tests/data/saecache-0.1.0, made by make_fixture.py there)."""
 
 from __future__ import annotations
 
@@ -38,29 +39,23 @@ def tensors(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_the_old_cache_trains_to_the_old_weights(old):
-    invoke("train", str(old / "cache.zarr"), *TRAIN, "--out", str(old / "new-runs"))
-    for name in ("sae_layer01_256.pt", "sae_layer01_final.pt"):
-        want, got = tensors(old / "runs" / RELU / name), tensors(old / "new-runs" / RELU / name)
-        assert want["cfg"] == got["cfg"]
-        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            assert torch.equal(want[key], got[key]), (name, key)
-    new_lines = (old / "new-runs" / RELU / "metrics.jsonl").read_text().splitlines()
-    assert len(new_lines) == len((old / "runs" / RELU / "metrics.jsonl").read_text().splitlines())
-
-
-def test_an_old_run_resumes_as_finished(old):
-    before = (old / "runs" / RELU / "sae_layer01_final.pt").read_bytes()
-    result = invoke("train", str(old / "cache.zarr"), *TRAIN, "--out", str(old / "runs"))
+def test_the_old_cache_trains(old):
+    """The cache format is unchanged: 0.1.0's cache trains (the training conventions are
+    newer, so the weights differ from the fixture's runs)."""
+    result = invoke("train", str(old / "cache.zarr"), *TRAIN, "--out", str(old / "new-runs"))
     assert "sae_layer01_final.pt: held-out FVU" in result.output
-    assert (old / "runs" / RELU / "sae_layer01_final.pt").read_bytes() == before  # nothing retrained
+    new = tensors(old / "new-runs" / RELU / "sae_layer01_final.pt")
+    assert new["cfg"]["l1_anthropic"] == pytest.approx(3e-4 * 16**1.5)
+    assert not torch.equal(new["W_enc"], tensors(old / "runs" / RELU / "sae_layer01_final.pt")["W_enc"])
 
 
-def test_an_old_run_with_other_settings_is_refused(old):
-    result = CliRunner().invoke(cli, ["train", str(old / "cache.zarr"), *TRAIN, "--lr", "1e-3",
-                                      "--out", str(old / "runs")])
-    assert result.exit_code != 0
-    assert "exists with other settings (train.lr is 0.0003 there, not 0.001)" in result.output
+def test_an_old_run_is_refused_in_one_line(old):
+    """0.1.0 clipped the per-element loss and started b_dec at 0: its runs cannot resume."""
+    before = (old / "runs" / RELU / "sae_layer01_final.pt").read_bytes()
+    result = CliRunner().invoke(cli, ["train", str(old / "cache.zarr"), *TRAIN, "--out", str(old / "runs")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "was trained by an earlier saecache whose --l1, --grad-clip and --lr mean other things" in result.output
+    assert (old / "runs" / RELU / "sae_layer01_final.pt").read_bytes() == before  # untouched
 
 
 def test_old_runs_evaluate_to_the_old_figures(old):

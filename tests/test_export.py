@@ -34,12 +34,12 @@ def demo_dir(demo) -> Path:
 
 @pytest.fixture(scope="module")
 def fixed_run(demo_dir) -> Path:
-    return demo_dir / "runs" / "layer01-relu-x4-l1-0.0003"
+    return demo_dir / "runs" / "layer01-relu-x4-l1-0.01"
 
 
 @pytest.fixture(scope="module")
 def adaptive_run(demo_dir) -> Path:
-    return demo_dir / "runs" / "layer01-relu-x4-adaptive-l0-32"
+    return demo_dir / "runs" / "layer01-relu-x4-adaptive-l0-16"
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def topk_run(demo_dir) -> Path:
 def other_layers(demo_dir) -> list[Path]:
     """Short runs of the fixed-L1 family on layers 0 and 2 (snapshots 1024 and final)."""
     runs = train(TrainConfig(cache=str(demo_dir / "cache.zarr"), out=str(demo_dir / "more-runs"),
-                             layers=(0, 2), expansion=4, l1=("3e-4",), tokens=2048,
+                             layers=(0, 2), expansion=4, l1=("1e-2",), tokens=2048,
                              snapshots=(1024,), device="cpu", progress=False,
                              reader=ReaderConfig(batch_size=128, threads=2, mix_chunks=4)))
     return [run.folder.dir for run in runs]
@@ -138,7 +138,7 @@ def test_pt_export_of_several_layers(fixed_run, other_layers, tmp_path):
     assert card_files(card) == folder_files(out)
     for needle in ("| Layers covered | 0–2 (3 layers) |", "7 .pt checkpoints |",
                    "Where LL is the layer index (00, 01, 02)", "--layer 0 --layer 2 --arch relu",
-                   "| 0 | relu-x4-l1-0.0003 | final |", "| 2 | relu-x4-l1-0.0003 | final |"):
+                   "| 0 | relu-x4-l1-0.01 | final |", "| 2 | relu-x4-l1-0.01 | final |"):
         assert needle in card, needle
 
 
@@ -146,7 +146,7 @@ def test_two_families_of_one_layer_are_refused(fixed_run, adaptive_run, tmp_path
     for export in (export_pt, export_saelens):
         with pytest.raises(SaecacheError) as err:
             export([fixed_run, adaptive_run], tmp_path / "out")
-        assert_one_line(err, "both hold layer 1", "relu-x4-l1-0.0003", "relu-x4-adaptive-l0-32")
+        assert_one_line(err, "both hold layer 1", "relu-x4-l1-0.01", "relu-x4-adaptive-l0-16")
     assert not (tmp_path / "out").exists()
 
 
@@ -242,13 +242,13 @@ def test_card_contents_metrics_and_sister_runs(fixed_run, tmp_path):
     lines = [json.loads(l) for l in (fixed_run / "metrics.jsonl").read_text().splitlines()]
     (final,) = [m for m in lines if m["split"] == "heldout"
                 and m["snapshot"] == "sae_layer01_final.pt"]
-    assert f"| 1 | relu-x4-l1-0.0003 | final | {final['fvu']:.4f} | {final['l0']:.1f} |" in card
-    for needle in ("| L1 coefficient | 3e-4 (fixed) |", "4 → F = 256",
+    assert f"| 1 | relu-x4-l1-0.01 | final | {final['fvu']:.4f} | {final['l0']:.1f} |" in card
+    for needle in ("| L1 coefficient | 0.01 (fixed); λ_Anthropic 5.12 (SAELens-standard units) |", "4 → F = 256",
                    "| Hidden dim being modeled | 64 |", "3 — at 16K, 32K tokens, plus final",
                    "49,152", "3 .pt checkpoints (1 layer × 3 snapshots)",
-                   "| relu-x4-adaptive-l0-32 | 5e-4 (adaptive) | L0 ≈ 32 | 1 |",
-                   "relu-x4-l1-0.0003 (this repository)", "weights_only=True",
-                   "--l1 3e-4 --tokens 49152 --snapshots 16K,32K"):
+                   "| relu-x4-adaptive-l0-16 | 5e-4 (adaptive) | L0 ≈ 16 | 1 |",
+                   "relu-x4-l1-0.01 (this repository)", "weights_only=True",
+                   "--l1 0.01 --tokens 49152 --snapshots 16K,32K"):
         assert needle in card, needle
     ce = json.loads((fixed_run / "eval.json").read_text())["snapshots"]["sae_layer01_final.pt"]
     assert f"| {ce['ce_loss_recovered']:.3f} |" in card  # the demo ran saecache eval
@@ -327,7 +327,7 @@ def assert_one_line(err, *needles: str) -> None:
 @pytest.mark.parametrize("case, needles", [
     ("empty folder", ["not a saecache run folder (no run.json)"]),
     ("missing", ["does not exist"]),
-    ("runs parent", ["is a RUNS folder", "layer01-relu-x4-l1-0.0003"]),
+    ("runs parent", ["is a RUNS folder", "layer01-relu-x4-l1-0.01"]),
     ("no snapshots", ["has no snapshots: train it first"]),
     ("unknown snapshot", ["no snapshot '99K'", "16K, 32K, final"]),
     ("foreign out", ["is not empty and is not a saecache export", "data.csv"]),

@@ -8,7 +8,10 @@ tests/data/saecache-0.1.0/golden holds the README.md of
 and the second one's blocks.0.hook_resid_post/cfg.json, run from tests/data/saecache-0.1.0.
 Those cards were written before `saecache eval` added the runs' eval.json (the golden files
 are two minutes older and show no "CE loss recovered" column), so the byte-for-byte tests
-export copies without eval.json; a second test checks what eval.json adds.
+export copies without eval.json; a second test checks what eval.json adds. Since then the card's
+"L1 coefficient" row also gives the coefficient as λ_Anthropic (docs/l1-units.md; for a 0.1.0
+run d·l1), and its "Reproducing" command carries every setting that differs from the defaults
+(0.1.0's left out --dead-window and --mix-chunks): those two lines changed, nothing else.
 """
 
 from __future__ import annotations

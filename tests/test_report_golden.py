@@ -1,4 +1,5 @@
-"""`write_report` on the runs saecache 0.1.0 wrote: summary.md is what that release's report wrote."""
+"""`write_report` on the runs saecache 0.1.0 wrote: summary.md is what that release's report wrote,
+plus the λ_Anthropic column added since (docs/l1-units.md; d·l1 for a 0.1.0 run)."""
 
 from __future__ import annotations
 

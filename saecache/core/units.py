@@ -63,8 +63,13 @@ def parse_layers(text: str | None, n_layers: int) -> tuple[int, ...]:
 
 
 def format_coefficient(x: float) -> str:
-    """3e-4 rather than 0.0003, as the model card writes coefficients."""
+    """3e-4 rather than 0.0003, as the model card writes coefficients; always exact (the text
+    reads back as the same float), so that a command written with it reproduces a run."""
     if x == 0 or 1e-2 <= abs(x) < 1e4:
-        return f"{x:g}"
-    mantissa, exponent = f"{x:.3e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return f"{x:g}" if float(f"{x:g}") == x else repr(x)
+    for digits in range(1, 18):
+        mantissa, exponent = f"{x:.{digits}e}".split("e")
+        text = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        if float(text) == x:
+            return text
+    return repr(x)

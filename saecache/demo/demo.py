@@ -36,12 +36,14 @@ def demo_harvest_config(out: Path, device: str) -> HarvestConfig:
                          batch_size=32, chunk_rows=DEMO_CHUNK_ROWS, device=device)
 
 
-def demo_train_config(out: Path, device: str) -> TrainConfig:
-    """Two sister runs on layer 1: L1 3e-4 fixed, and adaptive toward L0 = 32."""
-    return TrainConfig(cache=str(out / "cache.zarr"), out=str(out / "runs"), layers=(DEMO_LAYER,),
-                       expansion=4, l1=("3e-4", "adaptive:32"), tokens=49152,
-                       snapshots=(16000, 32000), lr=1e-3, dead_window=16384, log_every=16,
-                       device=device, reader=ReaderConfig(batch_size=128, mix_chunks=4, threads=2))
+def demo_train_configs(out: Path, device: str) -> list[TrainConfig]:
+    """Sparse SAEs on layer 1 (F = 256): ReLU sister runs with L1 1e-2 (λ_Anthropic 5.1) and
+    adaptive toward L0 = 16, and TopK with k = 16."""
+    common = dict(cache=str(out / "cache.zarr"), out=str(out / "runs"), layers=(DEMO_LAYER,),
+                  expansion=4, tokens=49152, snapshots=(16000, 32000), dead_window=16384,
+                  log_every=16, device=device,
+                  reader=ReaderConfig(batch_size=128, mix_chunks=4, threads=2))
+    return [TrainConfig(l1=("1e-2", "adaptive:16"), **common), TrainConfig(arch="topk", k=(16,), **common)]
 
 
 def run_demo(out: str | Path, device: str) -> str:
@@ -49,13 +51,19 @@ def run_demo(out: str | Path, device: str) -> str:
     out = Path(out)
     cache = harvest(demo_harvest_config(out, device)).cache
     report = [format_info(describe(cache)), ""]
-    for run in train(demo_train_config(out, device)):
-        report.append(f"{run.folder.name}: {run.summary()}")
+    for cfg in demo_train_configs(out, device):
+        report += [f"{run.folder.name}: {run.summary()}" for run in train(cfg)]
     for run, data in evaluate_runs(EvalConfig(runs=str(out / "runs"), device=device)).items():
         r = next(v for name, v in data["snapshots"].items() if name.endswith("_final.pt"))
-        report.append(f"{run.name}: CE loss recovered {r['ce_loss_recovered']:.3f} (CE clean "
-                      f"{r['ce_clean']:.3f}, spliced {r['ce_spliced']:.3f}, zero-ablated "
-                      f"{r['ce_zero']:.3f}), KL {r['kl']:.4f}")
+        report.append(_evaluated(run.name, r, cache.layout.d * run.record().spec.expansion))
     index = write_report(out / "runs", out / "report", metric="mse")
     report.append(f"report: {index}")
     return "\n".join(report)
+
+
+def _evaluated(name: str, r: dict, n_features: int) -> str:
+    """One run's eval.json figures of its final snapshot, in one line."""
+    return (f"{name}: L0 {r['l0']:.1f} of F = {n_features}, FVU {r['fvu']:.3f}, dense "
+            f"{100 * r['dense_fraction']:.1f}%, dead {100 * r['dead_fraction']:.1f}%; CE loss "
+            f"recovered {r['ce_loss_recovered']:.3f} (CE clean {r['ce_clean']:.3f}, spliced "
+            f"{r['ce_spliced']:.3f}, zero-ablated {r['ce_zero']:.3f}), KL {r['kl']:.4f}")

@@ -99,6 +99,13 @@ def title(card: ModelCard) -> str:
             f"after {blocks} {card.layers()} of `{card.model}`.")
 
 
+def _sparsity(run) -> str:
+    """The sparsity setting, and for an L1 coefficient its λ_Anthropic (docs/l1-units.md)."""
+    text = arch_of(run.spec.arch).describe(run.spec)
+    lam = run.record.l1_anthropic
+    return text if lam is None else f"{text}; λ_Anthropic {lam:.3g} (SAELens-standard units)"
+
+
 def contents(card: ModelCard) -> str:
     d, n_layers, cache = card.cache["d"], len(card.runs), card.cache
     penalised = all(arch_of(r.spec.arch).penalised for r in card.runs)
@@ -111,8 +118,7 @@ def contents(card: ModelCard) -> str:
             lambda r: f"{r.spec.expansion} → F = {r.spec.expansion * d:,} dictionary "
                       "features per layer")),
         ("Hidden dim being modeled", f"{d}"),
-        ("L1 coefficient" if penalised else "Sparsity",
-         card.each(lambda r: arch_of(r.spec.arch).describe(r.spec))),
+        ("L1 coefficient" if penalised else "Sparsity", card.each(_sparsity)),
         ("Tokens trained", card.each(
             lambda r: f"{_tokens(r.record.train['tokens'])} "
                       f"({cache['dataset']}, ctx {cache['ctx']})")),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from saecache import __version__
+from saecache.core.settings import default_of, flag_of, rule_of
 from saecache.core.units import format_count, format_layers
 from saecache.export.runs import ExportRun, sister_families
 from saecache.sae.archs import arch_of
+from saecache.train.config import ReaderConfig, TrainConfig
 
 if TYPE_CHECKING:  # types only: the card imports this module
     from saecache.export.card import ModelCard
@@ -83,7 +86,28 @@ def _train_command(runs: list[ExportRun]) -> str:
     spec, train = runs[0].spec, runs[0].record.train
     layers = " ".join(f"--layer {r.spec.layer}" for r in runs)
     snaps = ",".join(format_count(s) for s in train.get("snapshots", []))
-    return (f"saecache train CACHE {layers} --arch {spec.arch} --expansion {spec.expansion} "
-            f"{arch_of(spec.arch).option(spec)} --tokens {format_count(train['tokens'])}"
-            + (f" --snapshots {snaps}" if snaps else "")
-            + f" --batch-size {train['batch_size']} --lr {train['lr']:g} --seed {train['seed']}")
+    return " ".join([f"saecache train CACHE {layers} --arch {spec.arch} --expansion {spec.expansion}",
+                     arch_of(spec.arch).option(spec), f"--tokens {format_count(train['tokens'])}",
+                     f"--snapshots {snaps}" if snaps else "", *_other_options(train)]).replace("  ", " ")
+
+
+_SHOWN = ("arch", "expansion", "tokens", "snapshots")  # written first, above
+
+
+def _other_options(train: dict) -> list[str]:
+    """Every other setting of run.json's train record that is not its default, as an option."""
+    options = []
+    for cls in (TrainConfig, ReaderConfig):
+        for field in fields(cls):
+            if field.name in _SHOWN or field.name not in train:
+                continue
+            value, default = train[field.name], default_of(field)
+            if value != default:
+                options.append(f"{flag_of(field)} {_value(field, value)}")
+    return options
+
+
+def _value(field, value) -> str:
+    if rule_of(field).count and isinstance(value, int):
+        return format_count(value)
+    return repr(value) if isinstance(value, float) else str(value)

@@ -87,14 +87,16 @@ def _overview(runs: list[RunData], runs_dir: Path) -> list[str]:
 
 def runs_table(runs: list[RunData]) -> Table:
     """One row per run: final held-out metrics, CE loss recovered, the loss-floor fit, notes."""
-    headers = ["run", "layer", "family", "tokens", "held-out FVU", "held-out L0", "held-out MSE",
-               "dead %", "CE loss recovered", "fitted L∞", "α", "held-back MAPE", "notes"]
+    headers = ["run", "layer", "family", "tokens", "λ_Anthropic", "held-out FVU", "held-out L0",
+               "held-out MSE", "dead %", "CE loss recovered", "fitted L∞", "α", "held-back MAPE",
+               "notes"]
     rows = []
     for run in sorted(runs, key=lambda r: (r.family, r.layer)):
         h, fit = run.final_heldout, run.fit
         ce = run.eval.get("ce_loss_recovered") if run.eval else None
         rows.append([run.name, str(run.layer), run.family,
                      format_tokens(run.tokens) if run.tokens is not None else MISSING,
+                     fmt(number(run.l1_anthropic), ".3g"),
                      fmt(number(h.get("fvu")), ".4g"), fmt(number(h.get("l0")), ".1f"),
                      fmt(number(h.get("mse")), ".4g"),
                      fmt(number(h.get("dead_fraction")), ".1f", 100.0),

@@ -47,6 +47,9 @@ class RunData(NamedTuple):
     """The model whose residuals the SAE was trained on (run.json's cache.model)."""
     lr_decay: float | None
     """Fraction of steps, at the end, over which the learning rate decays to 0."""
+    l1_anthropic: float | None
+    """The L1 coefficient as λ_Anthropic: the last metrics line's (adaptive runs move), else
+    run.json's; None without one (docs/l1-units.md)."""
     train: list[dict]
     """metrics.jsonl lines with split == train, by tokens."""
     heldout: list[dict]
@@ -88,25 +91,29 @@ class RunData(NamedTuple):
 def load_run(folder: RunFolder, options: FitOptions = FitOptions()) -> RunData:
     """Read run.json, metrics.jsonl and eval.json of one run and fit its loss floor."""
     notes: list[str] = []
-    family, layer, model, lr_decay = _read_record(folder, notes)
+    family, layer, model, lr_decay, lam = _read_record(folder, notes)
     train, heldout = _read_lines(folder, notes)
     eval_snapshot, record = _read_eval(folder, layer, notes)
     fit = _fit(folder.name, train, options, notes)
-    return RunData(folder.name, folder.dir, family, layer, model, lr_decay, train, heldout,
+    lam = train[-1].get("l1_anthropic", lam) if train else lam
+    return RunData(folder.name, folder.dir, family, layer, model, lr_decay, lam, train, heldout,
                    eval_snapshot, record, fit, tuple(notes))
 
 
-def _read_record(folder: RunFolder, notes: list[str]) -> tuple[str, int, str | None, float | None]:
-    """(family, layer, model, lr_decay) from run.json; from the folder name if unreadable."""
+def _read_record(folder: RunFolder, notes: list[str]) -> tuple[str, int, str | None, float | None,
+                                                              float | None]:
+    """(family, layer, model, lr_decay, λ_Anthropic) from run.json; from the folder name if
+    unreadable."""
     try:
         record = folder.record()
         spec = record.spec
-        return spec.family, int(spec.layer), record.cache.get("model"), record.train.get("lr_decay")
+        return (spec.family, int(spec.layer), record.cache.get("model"), record.train.get("lr_decay"),
+                record.l1_anthropic)
     except _UNREADABLE as err:
         notes.append(f"{RUN_FILE} unreadable ({err}); layer taken from the folder name")
     match = _LAYER_PREFIX.match(folder.name)
     family, layer = (match.group(2), int(match.group(1))) if match else (folder.name, -1)
-    return family, layer, None, None
+    return family, layer, None, None, None
 
 
 def _read_lines(folder: RunFolder, notes: list[str]) -> tuple[list[dict], list[dict]]:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from saecache.core.units import format_coefficient
+from saecache.sae import l1 as l1_units
 from saecache.sae.losses import LossOutput, relu_l1_loss, topk_aux_loss
 
 if TYPE_CHECKING:  # types only: the model imports this module
@@ -82,8 +83,8 @@ class Architecture:
         """Re-impose weight constraints (and update running state, from this step's ``out``)
         after the optimiser step."""
 
-    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...]) -> list[dict[str, Any]]:
-        """The sparsity settings (RunSpec fields) of one run each, from --l1 and --k."""
+    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...], d: int) -> list[dict[str, Any]]:
+        """The sparsity settings (RunSpec fields) of one run each, from --l1 and --k, at width d."""
         raise NotImplementedError
 
     def run_label(self, spec) -> str:
@@ -102,9 +103,9 @@ class Architecture:
         """The `saecache train` option that reproduces the sparsity setting."""
         raise NotImplementedError
 
-    def snapshot_sparsity(self, spec, coefficient: float) -> dict[str, Any]:
+    def snapshot_sparsity(self, spec, coefficient: float, d: int) -> dict[str, Any]:
         """Snapshot cfg entries for the sparsity (the same keys for every architecture)."""
-        return {"l1": None, "target_l0": spec.target_l0, "l1_final": None}
+        return {"l1": None, "target_l0": spec.target_l0, "l1_final": None, "l1_anthropic": None}
 
     def saelens_fields(self, snap_cfg: dict) -> dict[str, Any]:
         """Architecture-specific entries of the SAELens cfg.json."""
@@ -123,12 +124,12 @@ class ReLU(Architecture):
         return torch.relu(pre_acts)
 
     def loss(self, sae: SAE, x: Tensor, out: ForwardOutput, terms: LossTerms) -> LossOutput:
-        return relu_l1_loss(sae, x, out, terms.l1)
+        return relu_l1_loss(sae, x, out, l1_units.loss_coefficient(terms.l1, sae.cfg.d))
 
-    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...]) -> list[dict[str, Any]]:
+    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...], d: int) -> list[dict[str, Any]]:
         if k:
-            raise ValueError("--k is for --arch topk; --arch relu takes --l1")
-        return [dict(zip(("l1", "target_l0"), parse_l1(value))) for value in l1]
+            raise ValueError(f"--k is for --arch topk; --arch {self.name} takes --l1")
+        return [dict(zip(("l1", "target_l0"), parse_l1(value, d))) for value in l1]
 
     def run_label(self, spec) -> str:
         if spec.target_l0 is not None:
@@ -150,8 +151,9 @@ class ReLU(Architecture):
             return f"--l1 adaptive:{spec.target_l0:g}:{format_coefficient(spec.l1)}"
         return f"--l1 {format_coefficient(spec.l1)}"
 
-    def snapshot_sparsity(self, spec, coefficient: float) -> dict[str, Any]:
-        return {"l1": spec.l1, "target_l0": spec.target_l0, "l1_final": float(coefficient)}
+    def snapshot_sparsity(self, spec, coefficient: float, d: int) -> dict[str, Any]:
+        return {"l1": spec.l1, "target_l0": spec.target_l0, "l1_final": float(coefficient),
+                "l1_anthropic": l1_units.to_anthropic(float(coefficient), d)}
 
 
 class TopK(Architecture):
@@ -178,7 +180,7 @@ class TopK(Architecture):
     def after_step(self, sae: SAE, out: ForwardOutput) -> None:
         sae.normalize_decoder_()
 
-    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...]) -> list[dict[str, Any]]:
+    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...], d: int) -> list[dict[str, Any]]:
         if not k:
             raise ValueError("--arch topk needs at least one --k")
         return [{"k": value} for value in k]
@@ -200,9 +202,12 @@ class TopK(Architecture):
         return {"k": snap_cfg["k"], "rescale_acts_by_decoder_norm": False}
 
 
-def parse_l1(text: str) -> tuple[float, float | None]:
-    """``3e-4`` → (3e-4, None); ``adaptive:150`` → (5e-4, 150.0); ``adaptive:150:1e-3`` → (1e-3, 150.0)."""
-    match = _ADAPTIVE.match(text.strip())
+def parse_l1(text: str, d: int = 1) -> tuple[float, float | None]:
+    """(coefficient in saecache units, target L0 or None) of an --l1 value at width d:
+    ``3e-4`` → (3e-4, None); ``anthropic:5`` → (5 / d^1.5, None); ``adaptive:150`` →
+    (5e-4, 150.0); ``adaptive:150:1e-3`` → (1e-3, 150.0). See saecache.sae.l1."""
+    text = text.strip()
+    match = _ADAPTIVE.match(text)
     try:
         if match:
             target = float(match.group(1))
@@ -210,15 +215,15 @@ def parse_l1(text: str) -> tuple[float, float | None]:
             if not (0 < target < math.inf and 0 < start < math.inf):
                 raise ValueError
             return start, target
-        value = float(text)
+        anthropic = text.startswith(l1_units.ANTHROPIC)
+        value = float(text.removeprefix(l1_units.ANTHROPIC))
     except ValueError:
-        raise ValueError(f"--l1 {text!r} is not a coefficient: write 3e-4, adaptive:150 or "
-                         "adaptive:150:5e-4 (target L0, then starting coefficient)") from None
-    if value < 0:
-        raise ValueError(f"--l1 {text!r} is negative")
-    if not math.isfinite(value):
-        raise ValueError(f"--l1 {text!r} is not a finite coefficient: write 3e-4 or adaptive:150")
-    return value, None
+        raise ValueError(f"--l1 {text!r} is not a coefficient: write 3e-4, anthropic:5 (λ in "
+                         "Anthropic/SAELens units), adaptive:150 or adaptive:150:5e-4 (target L0, "
+                         "then starting coefficient)") from None
+    if not 0 <= value < math.inf:
+        raise ValueError(f"--l1 {text!r} is not a finite coefficient ≥ 0: write 3e-4 or adaptive:150")
+    return (l1_units.from_anthropic(value, d) if anthropic else value), None
 
 
 def topk_relu(pre_acts: Tensor, k: int) -> Tensor:

@@ -82,13 +82,14 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d, **zeros))  # (d,)
 
     @classmethod
-    def initialized(cls, cfg: SAEConfig, seed: int, device=None, dtype=torch.float32) -> SAE:
+    def initialized(cls, cfg: SAEConfig, seed: int, device=None, dtype=torch.float32,
+                    b_dec: Tensor | None = None) -> SAE:
         """A fresh SAE, identical for the same seed on any device.
 
         W_dec rows are Gaussian directions scaled to the architecture's ``init_norm`` (0.1 for
-        relu, 1 for topk); W_enc is a
-        copy of W_dec.T; both biases are zero. The draw uses its own CPU generator, so the
-        global RNG is untouched and the result does not depend on the device.
+        relu, 1 for topk); W_enc is a copy of W_dec.T; b_enc is zero and b_dec is ``b_dec``
+        (d,), the data's mean as sparsify does, or zero. The draw uses its own CPU generator,
+        so the global RNG is untouched and the result does not depend on the device.
         """
         gen = torch.Generator(device="cpu").manual_seed(seed)
         rows = torch.randn(cfg.n_features, cfg.d, generator=gen, dtype=torch.float64)  # (F, d)
@@ -98,6 +99,8 @@ class SAE(nn.Module):
         with torch.no_grad():
             sae.W_dec.copy_(rows)
             sae.W_enc.copy_(rows.T)
+            if b_dec is not None:
+                sae.b_dec.copy_(b_dec)
         return sae
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,6 +7,7 @@ them (saecache.core.options) and a config checks itself when made.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from saecache.core.devices import default_device
@@ -38,6 +39,11 @@ class ReaderConfig:
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+AUTO_LR, AUTO_LR_FEATURES = 2e-4, 2**14
+"""The default learning rate is AUTO_LR · √(AUTO_LR_FEATURES / F) (Gao et al. 2024)."""
+CONVENTIONS = 2
+"""Version of what --l1, --grad-clip and --lr mean and of the initialisation (docs/l1-units.md):
+1 in saecache 0.1.0 (clip on the per-element loss, b_dec at 0, fixed lr); 2 since."""
 SNAPSHOTS = (50_000_000, 100_000_000, 150_000_000, 200_000_000, 250_000_000)
 """The model card's snapshots; by default those below --tokens are saved."""
 
@@ -57,7 +63,7 @@ class TrainConfig:
     expansion: int = setting(32, min=1)
     """F = expansion × d."""
     l1: tuple[str, ...] = setting(("3e-4",), result=False)
-    """relu: one run per value: 3e-4 (fixed) or adaptive:150[:start] (target L0)."""
+    """relu: one run per value: 3e-4 (fixed; λ_Anthropic = l1·d^1.5, docs/l1-units.md), anthropic:5 (λ in Anthropic/SAELens units) or adaptive:150[:start] (target L0)."""
     k: tuple[int, ...] = setting((), min=1, result=False)
     """topk: one run per k."""
     tokens: int = setting(300_000_000, min=1, count=True)
@@ -65,7 +71,7 @@ class TrainConfig:
     snapshots: tuple[int, ...] | None = setting(
         None, min=1, count=True, separator=",", show="those of 50M,100M,150M,200M,250M below --tokens")
     """Token counts at which to save a snapshot; final is always saved."""
-    lr: float = setting(3e-4, min=0, min_open=True)
+    lr: float | None = setting(None, min=0, min_open=True, show="2e-4 / √(F / 2^14)")
     """Adam learning rate."""
     lr_warmup: float = setting(0.01, min=0, max=1)
     """Fraction of steps of learning-rate warm-up."""
@@ -73,8 +79,10 @@ class TrainConfig:
     """Fraction of steps, at the end, of linear decay to 0."""
     l1_warmup: float = setting(0.05, min=0, max=1)
     """Fraction of steps over which the L1 coefficient ramps up."""
+    l0_ramp: float = setting(0.5, min=0, max=1)
+    """adaptive: fraction of steps, after the L1 warm-up, over which the target L0 approaches from the L0 reached."""
     grad_clip: float = setting(1.0, min=0, min_open=True)
-    """Gradient-norm clipping threshold."""
+    """Gradient-norm clipping threshold, in the units of the Anthropic/SAELens-standard loss (squared error summed over d)."""
     device: str = setting(factory=default_device, result=False)
     """torch device. [default: cuda if available, else cpu]"""
     precision: str = setting("tf32", choices=PRECISIONS)
@@ -103,7 +111,7 @@ class TrainConfig:
         self.layers = tuple(dict.fromkeys(self.layers))
         if self.snapshots is None:
             self.snapshots = tuple(s for s in SNAPSHOTS if s < self.tokens)
-        self.run_specs(0)  # ValueError for --l1 values, or --k missing for topk
+        self.run_specs(0, d=1)  # ValueError for --l1 values, or --k missing for topk
         if self.tokens < self.batch_size:
             raise ValueError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
         bad = [s for s in self.snapshots if not 0 < s < self.tokens]
@@ -124,11 +132,17 @@ class TrainConfig:
     def steps(self) -> int:
         return self.tokens // self.batch_size
 
-    def run_specs(self, layer: int) -> list[RunSpec]:
-        """One run per --l1 (relu) or --k (topk) value."""
-        sparsities = arch_of(self.arch).sparsities(self.l1, self.k)
+    def run_specs(self, layer: int, d: int) -> list[RunSpec]:
+        """One run per --l1 (relu) or --k (topk) value, for a layer of width d."""
+        sparsities = arch_of(self.arch).sparsities(self.l1, self.k, d)
         return [RunSpec(layer, self.arch, self.expansion, **s) for s in sparsities]
 
+    def learning_rate(self, n_features: int) -> float:
+        """--lr, or by default Gao et al.'s 2e-4 / √(F / 2^14) for F features."""
+        return self.lr if self.lr is not None else AUTO_LR * math.sqrt(AUTO_LR_FEATURES / n_features)
+
     def identity(self) -> dict:
-        """The settings that determine a run's result (compared when resuming)."""
-        return json.loads(json.dumps({**result_fields(self), **result_fields(self.reader)}))
+        """The settings that determine a run's result (compared when resuming), with the
+        version of the loss conventions they are read in."""
+        settings = {**result_fields(self), **result_fields(self.reader), "conventions": CONVENTIONS}
+        return json.loads(json.dumps(settings))

@@ -79,10 +79,12 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
             f"training tokens layer {layer} of {cache.location} holds (its last blocks are held "
             "out): lower --tokens or harvest more"
         )
-    scale = math.sqrt(cache.layout.d) / cache.layer_stats(layer).mean_norm  # E‖x·scale‖ = √d
+    stats, d = cache.layer_stats(layer), cache.layout.d
+    scale = math.sqrt(d) / stats.mean_norm  # E‖x·scale‖ = √d
+    mean = torch.from_numpy(stats.mean * scale).float()  # (d,) where b_dec starts
     records = [RunRecord(spec, cfg.identity(), run_identity(cache, layer), scale, cfg.cache)
-               for spec in cfg.run_specs(layer)]
-    runs = [SisterRun.open(RunFolder.of(cfg.out, r.spec), r, cfg, cache.layout.d) for r in records]
+               for spec in cfg.run_specs(layer, d)]
+    runs = [SisterRun.open(RunFolder.of(cfg.out, r.spec), r, cfg, d, mean) for r in records]
     start = SisterRun.common_step(runs)
     for run in runs:
         run.resume(start)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from saecache.core.atomic import read_json, read_jsonl, write_json
 from saecache.core.errors import SaecacheError
 from saecache.core.units import format_count, parse_count
+from saecache.sae.l1 import to_anthropic
 from saecache.sae.spec import RunSpec
 
 RUN_FILE, METRICS_FILE, EVAL_FILE, CHECKPOINTS = "run.json", "metrics.jsonl", "eval.json", "checkpoints"
@@ -95,8 +96,19 @@ class RunRecord:
         return {"spec": self.spec.to_json(), "train": self.train, "cache": self.cache,
                 "scale": self.scale}
 
+    @property
+    def l1_anthropic(self) -> float | None:
+        """The run's L1 coefficient as λ_Anthropic / SAELens standard (None without one)."""
+        if self.spec.l1 is None or "d" not in self.cache:
+            return None
+        if self.train.get("conventions", 1) < 2:  # saecache 0.1.0's loss: λ_Anthropic = d·l1
+            return self.spec.l1 * self.cache["d"]
+        return to_anthropic(self.spec.l1, self.cache["d"])
+
     def to_json(self) -> dict:
-        return {**self.identity(), "cache_location": self.cache_location}
+        """run.json: the identity, where the cache was, and λ_Anthropic (informative)."""
+        return {**self.identity(), "cache_location": self.cache_location,
+                "l1_anthropic": self.l1_anthropic}
 
     @classmethod
     def from_json(cls, data: Any, path: Path) -> RunRecord:

@@ -24,22 +24,30 @@ KEEP_CHECKPOINTS = 2  # the latest two: a kill between sister runs' saves leaves
 class SisterRun:
     """An SAE being trained on one layer with one configuration, and the folder it writes."""
 
-    def __init__(self, folder: RunFolder, record: RunRecord, cfg: TrainConfig, d: int):
+    def __init__(self, folder: RunFolder, record: RunRecord, cfg: TrainConfig, d: int,
+                 mean: torch.Tensor | None = None):
         self.folder, self.record, self.cfg = folder, record, cfg
         self.spec: RunSpec = record.spec
-        self.trainer = SAETrainer(record.spec, cfg, d)
+        self.trainer = SAETrainer(record.spec, cfg, d, mean)
 
     @classmethod
-    def open(cls, folder: RunFolder, record: RunRecord, cfg: TrainConfig, d: int) -> SisterRun:
+    def open(cls, folder: RunFolder, record: RunRecord, cfg: TrainConfig, d: int,
+             mean: torch.Tensor | None = None) -> SisterRun:
         """A new run, or an existing one whose record matches; refuses others."""
         if folder.is_run:
-            diff = _first_difference(folder.record().identity(), record.identity())
+            saved = folder.record()
+            if saved.train.get("conventions") != record.train["conventions"]:
+                raise SaecacheError(
+                    f"run {folder.dir} was trained by an earlier saecache whose --l1, --grad-clip "
+                    "and --lr mean other things (docs/l1-units.md): it cannot be resumed; train "
+                    "into another --out")
+            diff = _first_difference(saved.identity(), record.identity())
             if diff:
                 raise SaecacheError(f"run {folder.dir} exists with other settings ({diff}): use the "
                                     "same settings to resume, or another --out")
         else:
             folder.write_record(record)
-        return cls(folder, record, cfg, d)
+        return cls(folder, record, cfg, d, mean)
 
     @staticmethod
     def common_step(runs: list[SisterRun]) -> int:

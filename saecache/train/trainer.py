@@ -15,6 +15,7 @@ import contextlib
 import torch
 
 from saecache.sae.archs import LossTerms, arch_of
+from saecache.sae.l1 import to_anthropic
 from saecache.sae.metrics import FiringStats, RunningMetrics
 from saecache.sae.model import SAE, SAEConfig
 from saecache.sae.spec import RunSpec
@@ -25,28 +26,31 @@ from saecache.train.schedule import L1Controller, l1_factor, lr_factor
 class SAETrainer:
     """Trains one SAE of a layer; sister trainers take the same batches."""
 
-    def __init__(self, spec: RunSpec, cfg: TrainConfig, d: int):
-        self.spec, self.cfg, self.arch = spec, cfg, arch_of(spec.arch)
+    def __init__(self, spec: RunSpec, cfg: TrainConfig, d: int, mean: torch.Tensor | None = None):
+        """``mean``: (d,) the layer's mean in training units, where b_dec starts (None: 0)."""
+        self.spec, self.cfg, self.arch, self.d = spec, cfg, arch_of(spec.arch), d
         n_features = spec.expansion * d
         sae_cfg = SAEConfig(d=d, n_features=n_features, arch=spec.arch, k=spec.k,
                             apply_b_dec_to_input=self.arch.apply_b_dec_to_input)
-        self.sae = SAE.initialized(sae_cfg, seed=cfg.seed, device=cfg.device)
+        self.sae = SAE.initialized(sae_cfg, seed=cfg.seed, device=cfg.device, b_dec=mean)
+        self.lr = cfg.learning_rate(n_features)
         cuda = torch.device(cfg.device).type == "cuda"
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=cuda or None)
-        self.controller = L1Controller(spec.l1 or 0.0, spec.target_l0, cfg.device)
-        self.firing = FiringStats(n_features, device=cfg.device)
-        self.aux_k = cfg.aux_k or d // 2
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, fused=cuda or None)
         self.warmup = int(cfg.steps * cfg.lr_warmup)
         self.l1_warmup = int(cfg.steps * cfg.l1_warmup)
+        self.controller = L1Controller(spec.l1 or 0.0, spec.target_l0, cfg.device,
+                                       warmup=self.l1_warmup, ramp=int(cfg.steps * cfg.l0_ramp))
+        self.firing = FiringStats(n_features, device=cfg.device)
+        self.aux_k = cfg.aux_k or d // 2
         self.metrics = RunningMetrics()  # MSE, FVU, L0 since the last metrics line
         self._losses = torch.zeros(3, dtype=torch.float64, device=cfg.device)  # steps, Σloss, Σaux
         self._l1_now = 0.0
-        self._lr = cfg.lr
+        self._lr = self.lr
 
     def step(self, x: torch.Tensor, step: int) -> None:
         """One optimiser step on x: (B, d) float32, normalised."""
         cfg = self.cfg
-        lr = cfg.lr * lr_factor(step, cfg.steps, self.warmup, cfg.lr_decay)
+        lr = self.lr * lr_factor(step, cfg.steps, self.warmup, cfg.lr_decay)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         autocast = (torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
@@ -57,10 +61,12 @@ class SAETrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.loss.backward()
         self.arch.before_step(self.sae)
-        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
+        # The loss is a mean over the batch's N·d elements, the Anthropic loss divided by d:
+        # clipping its gradient at grad_clip / d is clipping the Anthropic loss's at grad_clip.
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip / self.d)
         self.optimizer.step()
         self.arch.after_step(self.sae, out)
-        self._after_step(x, out, loss, lr)
+        self._after_step(x, out, loss, lr, step)
 
     def _terms(self, step: int) -> LossTerms:
         if self.arch.penalised:
@@ -69,10 +75,11 @@ class SAETrainer:
                          self.aux_k, self.cfg.aux_coeff)
 
     @torch.no_grad()
-    def _after_step(self, x, out, loss, lr: float) -> None:
+    def _after_step(self, x, out, loss, lr: float, step: int) -> None:
         acts = out.acts.detach()  # (B, F)
         self.firing.update(acts)
-        self.controller.update((acts != 0).sum(dim=-1).float().mean())
+        if self.controller.target is not None:  # fixed runs need no L0 per step
+            self.controller.update((acts != 0).sum(dim=-1).float().mean(), step)
         self.metrics.update(x, out.x_hat.detach().float(), acts)  # sums on the device, no sync
         self._losses += torch.stack([torch.ones((), device=x.device), loss.loss.detach().float(),
                                      loss.aux.float()]).double()
@@ -92,6 +99,7 @@ class SAETrainer:
                 "dead_fraction": self.firing.dead_fraction(window), "dead_window_tokens": window,
                 "dense_fraction": self.firing.dense_fraction(),
                 "l1_coefficient": float(self._l1_now) if self.arch.penalised else None,
+                "l1_anthropic": to_anthropic(float(self._l1_now), self.d) if self.arch.penalised else None,
                 "aux": aux / n, "lr": self._lr, **timing}
 
     @torch.no_grad()
@@ -109,10 +117,9 @@ class SAETrainer:
 
     def snapshot(self, scale: float, **extra) -> dict:
         """The snapshot dict (weights for raw activations) with the sparsity and ``extra``."""
-        sparsity = self.arch.snapshot_sparsity(self.spec, float(self.controller.coefficient))
+        sparsity = self.arch.snapshot_sparsity(self.spec, float(self.controller.coefficient), self.d)
         return self.sae.snapshot(scale, layer=self.spec.layer, expansion=self.spec.expansion,
-                                 l1=sparsity["l1"], target_l0=sparsity["target_l0"],
-                                 l1_final=sparsity["l1_final"], **extra)
+                                 **sparsity, **extra)
 
     # ---- checkpoints -----------------------------------------------------------------------
 
