@@ -96,13 +96,18 @@ class SAETrainer:
 
     @torch.no_grad()
     def heldout_metrics(self, x: torch.Tensor, rows: int = 8192) -> dict:
-        """MSE, FVU, L0 and never-firing fraction on x: (N, d) normalised, in slices."""
+        """MSE, FVU, L0 and never-firing fraction on x: (N, d) normalised, in slices, with the SAE
+        in eval mode (batchtopk: its inference threshold), then back in train mode."""
         metrics = RunningMetrics()
         fired = torch.zeros(self.sae.cfg.n_features, dtype=torch.bool, device=x.device)
-        for part in x.split(rows):
-            out = self.sae(part)
-            metrics.update(part, out.x_hat, out.acts)
-            fired |= (out.acts != 0).any(dim=0)
+        self.sae.eval()
+        try:
+            for part in x.split(rows):
+                out = self.sae(part)
+                metrics.update(part, out.x_hat, out.acts)
+                fired |= (out.acts != 0).any(dim=0)
+        finally:
+            self.sae.train()
         m = metrics.summary()
         return {"mse": m.mse, "fvu": m.fvu, "l0": m.l0, "rows": m.tokens,
                 "dead_fraction": 1.0 - float(fired.float().mean())}
