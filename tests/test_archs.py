@@ -1,5 +1,5 @@
 """BatchTopK and JumpReLU: their forward passes and gradients against plain references, their
-snapshots, and `saecache train` / `eval` end to end."""
+snapshots, `saecache train` / `eval` / `export` end to end, and the SAELens round trip."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from torch.testing import assert_close
 
 from saecache.cli import cli
+from saecache.export.export import export_saelens
 from saecache.sae.activations import update_running_threshold_
 from saecache.sae.archs import (ARCHS, JUMPRELU_BANDWIDTH, JUMPRELU_INIT_THRESHOLD, LossTerms,
                                 arch_of)
@@ -22,7 +23,7 @@ from saecache.storage.cache import Cache
 from saecache.train.config import ReaderConfig, TrainConfig
 from saecache.train.reader import read_heldout
 from saecache.train.trainer import SAETrainer
-from tests.reference import l0
+from tests.reference import l0, load_saelens_folder
 from tests.test_cli import assert_one_line_error
 from tests.test_sae import random_sae
 
@@ -333,6 +334,35 @@ def test_snapshot_runs_the_documented_forward_pass(runs, residuals, name):
     assert_close(raw.acts, acts)
     assert_close(raw.x_hat, acts @ state["W_dec"] + state["b_dec"])
     assert 0 < l0(raw.acts) < 256
+
+
+def saelens_jumprelu_forward(cfg: dict, w: dict, x: torch.Tensor) -> tuple:
+    """(acts, x̂) as SAELens 6's JumpReLUSAE computes them from cfg.json and the weights file:
+    sae_in = x − b_dec·apply_b_dec_to_input; h = sae_in @ W_enc + b_enc;
+    acts = relu(h)·(h > relu(threshold)); x̂ = acts @ W_dec + b_dec."""
+    assert cfg["architecture"] == "jumprelu" and cfg["normalize_activations"] == "none"
+    sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    hidden_pre = sae_in @ w["W_enc"] + w["b_enc"]
+    acts = hidden_pre.relu() * (hidden_pre > w["threshold"].relu())
+    return acts, acts @ w["W_dec"] + w["b_dec"]
+
+
+@pytest.mark.parametrize("name", [BATCHTOPK_RUN, JUMPRELU_RUN])
+def test_saelens_export_round_trips(runs, residuals, name, tmp_path):
+    export_saelens([runs / name], tmp_path / "saelens")
+    cfg, weights = load_saelens_folder(tmp_path / "saelens" / "blocks.1.hook_resid_post")
+    assert sorted(weights) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]
+    assert weights["threshold"].shape == (256,) and weights["threshold"].dtype == torch.float32
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"]) == ("jumprelu", 64, 256)
+    assert "k" not in cfg and cfg["metadata"]["saecache"]["arch"] == name.split("-")[1]
+    state = load(runs / name / FINAL)
+    assert cfg["apply_b_dec_to_input"] is state["cfg"]["apply_b_dec_to_input"]
+    assert torch.equal(weights["threshold"], state["threshold"])
+    reference = SAE.from_snapshot(state)(residuals)
+    acts, x_hat = saelens_jumprelu_forward(cfg, weights, residuals)
+    assert_close(acts, reference.acts)
+    assert_close(x_hat, reference.x_hat)
+    assert (acts != 0).any()
 
 
 def test_eval_runs_on_both_architectures(runs):
