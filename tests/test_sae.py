@@ -229,7 +229,7 @@ def test_from_snapshot_refuses_mismatched_state():
     with pytest.raises(ValueError, match="b_enc"):
         SAE.from_snapshot({k: v for k, v in state.items() if k != "b_enc"})
     with pytest.raises(ValueError, match="arch"):
-        SAE.from_snapshot({**state, "cfg": {**state["cfg"], "arch": "jumprelu"}})
+        SAE.from_snapshot({**state, "cfg": {**state["cfg"], "arch": "gated"}})
 
 
 # ── losses ───────────────────────────────────────────────────────────────────────────────────

@@ -1,7 +1,8 @@
 """The ``saelens`` export: one SAELens (v6) folder per run, from one snapshot, with a model card.
 
     out/blocks.{L}.hook_resid_post/cfg.json                   SAELens config (saelens_config)
-    out/blocks.{L}.hook_resid_post/sae_weights.safetensors    W_enc, W_dec, b_enc, b_dec, float32
+    out/blocks.{L}.hook_resid_post/sae_weights.safetensors    W_enc, W_dec, b_enc, b_dec (and the
+                                                              arch's own: threshold), float32
     out/README.md
 
 The fields and their sources are in docs/export.md.
@@ -22,7 +23,7 @@ from saecache.export.folder import publish
 from saecache.export.layout import SAELENS_CFG, SAELENS_WEIGHTS, ExportedFile, transformer_lens_hook
 from saecache.export.runs import ExportRun, read_runs
 from saecache.sae.archs import ARCHS
-from saecache.sae.model import SAE, SNAPSHOT_TENSORS
+from saecache.sae.model import SAE, SNAPSHOT_TENSORS_BY_ARCH
 from saecache.train.runfolder import Snapshot
 
 SAELENS_FORMAT_VERSION = "6.0.0"
@@ -35,8 +36,8 @@ def export_saelens(runs: Iterable[str | Path], out: str | Path, snapshot: str = 
     """One SAELens folder per run, ``out/blocks.{L}.hook_resid_post/``, from ``snapshot``.
 
     Each holds cfg.json and sae_weights.safetensors (W_enc (d, F), W_dec (F, d), b_enc (F),
-    b_dec (d), float32), loadable with ``SAE.load_from_disk``; the weights are the snapshot's
-    own, for raw activations, so ``normalize_activations`` is "none". Returns every file
+    b_dec (d), and threshold (F) for SAELens' jumprelu, float32), loadable with
+    ``SAE.load_from_disk``; the weights are the snapshot's own, for raw activations, so ``normalize_activations`` is "none". Returns every file
     written, README.md last.
     """
     chosen = [(run, run.snapshot(snapshot)) for run in read_runs(runs)]
@@ -56,7 +57,8 @@ def write_saelens_folder(run: ExportRun, snapshot: Snapshot, folder: Path) -> No
 
     state = load_snapshot(snapshot.path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {key: state[key].to(torch.float32).contiguous() for key in SNAPSHOT_TENSORS}
+    tensors = {key: state[key].to(torch.float32).contiguous()
+               for key in SNAPSHOT_TENSORS_BY_ARCH[state["cfg"]["arch"]]}
     save_file(tensors, str(folder / SAELENS_WEIGHTS))
     write_json(folder / SAELENS_CFG, saelens_config(state["cfg"], run, snapshot))
 

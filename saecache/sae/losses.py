@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch.nn.functional import embedding_bag
 
+from saecache.sae.activations import step
+
 if TYPE_CHECKING:  # the model imports the architectures, which import these losses
     from saecache.sae.model import SAE, ForwardOutput
 
@@ -87,3 +89,19 @@ def _aux_term(sae: SAE, e: Tensor, pre_acts: Tensor, dead: Tensor, aux_k: int) -
     ok = den > 0
     aux = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
     return aux * dead.any()  # 0 when nothing is dead, without asking the host
+
+
+def jumprelu_l0_loss(x: Tensor, out: ForwardOutput, l0_coeff: Tensor | float, threshold: Tensor,
+                     bandwidth: float) -> LossOutput:
+    """Rajamanoharan et al. 2024's JumpReLU loss, the L0 penalised directly:
+
+        loss = mean over rows and dims of (x − x̂)²  +  l0_coeff · mean_n( Σ_i H(pre_ni − θ_i) )
+
+    for thresholds θ (F,). H passes no gradient to the pre-activations and a straight-through
+    one to θ (sae.activations.step, kernel width ``bandwidth``). ``sparsity`` is the L0 term
+    before l0_coeff; ``aux`` is 0.
+    """
+    mse = (x - out.x_hat).pow(2).mean()
+    l0 = step(out.pre_acts, threshold, bandwidth).sum(dim=-1).mean()  # (N, F) → (N,) → scalar
+    loss = mse + l0_coeff * l0
+    return LossOutput(loss, mse.detach(), l0.detach(), torch.zeros_like(mse).detach())

@@ -3,8 +3,10 @@
     f = act((x − b_dec·apply_b_dec_to_input) @ W_enc + b_enc)      # (N, F)
     x̂ = f @ W_dec + b_dec                                         # (N, d)
 
-The trainer feeds scaled activations x' = scale·x (so that their size does not depend on the
-layer); :meth:`SAE.snapshot` folds the scale back into the weights, so a snapshot runs on raw
+act is the architecture's (sae.archs): ReLU, TopK, BatchTopK (k·B largest of a batch in
+training, pre·H(pre − threshold) in eval mode), JumpReLU (pre·H(pre − threshold)). The trainer
+feeds scaled activations x' = scale·x (so that their size does not depend on the layer);
+:meth:`SAE.snapshot` folds the scale back into the weights, so a snapshot runs on raw
 activations with the plain forward pass above (docs/cache-format.md, "Snapshots").
 """
 
@@ -17,10 +19,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from saecache.sae.archs import arch_of
+from saecache.sae.archs import ARCHS, arch_of
 
 SNAPSHOT_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
-"""Tensor keys of a snapshot dict; its configuration is under "cfg"."""
+"""Tensor keys of every snapshot dict; its configuration is under "cfg"."""
+
+SNAPSHOT_TENSORS_BY_ARCH = {name: SNAPSHOT_TENSORS + arch.extra_tensors
+                            for name, arch in ARCHS.items()}
+"""Every tensor key of a snapshot, by arch: relu and topk have SNAPSHOT_TENSORS only; batchtopk
+and jumprelu also "threshold" (F,), the inference threshold on the pre-activations
+(f = pre·(pre > threshold); the same for raw and scaled inputs, so saved unfolded)."""
 
 _SNAPSHOT_CFG_KEYS = ("arch", "k", "apply_b_dec_to_input", "d", "F")
 _JSON_SCALARS = (bool, int, float, str, type(None))
@@ -39,9 +47,11 @@ class SAEConfig:
     n_features: int
     """F, the number of dictionary features (d × expansion factor)."""
     arch: str = "relu"
-    """A name in sae.archs.ARCHS: "relu" (L1 penalty on the activations) or "topk" (k largest kept)."""
+    """A name in sae.archs.ARCHS: "relu" (L1 penalty on the activations), "topk" (k largest
+    kept), "batchtopk" (k·B largest of a batch) or "jumprelu" (learnt thresholds, L0 penalty)."""
     k: int | None = None
-    """Active features per token for "topk" (1 ≤ k ≤ n_features); must be None for "relu"."""
+    """Active features per token for "topk" and "batchtopk" (on average; 1 ≤ k ≤ n_features);
+    must be None for "relu" and "jumprelu"."""
     apply_b_dec_to_input: bool = False
     """Subtract b_dec from x before encoding."""
 
@@ -62,13 +72,15 @@ class ForwardOutput(NamedTuple):
     x_hat: Tensor
     """(N, d) reconstruction of x."""
     acts: Tensor
-    """(N, F) feature activations: after the ReLU, or the TopK's ReLU'd survivors (0 elsewhere)."""
+    """(N, F) feature activations: after the architecture's activation (0 where inactive)."""
     pre_acts: Tensor
     """(N, F) encoder outputs before the activation (the AuxK loss selects among these)."""
 
 
 class SAE(nn.Module):
-    """A sparse autoencoder with parameters W_enc (d, F), b_enc (F), W_dec (F, d), b_dec (d)."""
+    """A sparse autoencoder with parameters W_enc (d, F), b_enc (F), W_dec (F, d), b_dec (d), and
+    its architecture's own state (batchtopk: buffer ``threshold`` (F,); jumprelu: parameter
+    ``threshold`` (F,)). Its ``training`` flag picks batchtopk's forward pass."""
 
     def __init__(self, cfg: SAEConfig, device=None, dtype=torch.float32):
         """All parameters zero: :meth:`initialized` to train, :meth:`from_snapshot` to load."""
@@ -80,6 +92,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n, **zeros))  # (F,)
         self.W_dec = nn.Parameter(torch.zeros(n, d, **zeros))  # (F, d)
         self.b_dec = nn.Parameter(torch.zeros(d, **zeros))  # (d,)
+        arch_of(cfg.arch).add_state(self)
 
     @classmethod
     def initialized(cls, cfg: SAEConfig, seed: int, device=None, dtype=torch.float32,
@@ -87,9 +100,10 @@ class SAE(nn.Module):
         """A fresh SAE, identical for the same seed on any device.
 
         W_dec rows are Gaussian directions scaled to the architecture's ``init_norm`` (0.1 for
-        relu, 1 for topk); W_enc is a copy of W_dec.T; b_enc is zero and b_dec is ``b_dec``
-        (d,), the data's mean as sparsify does, or zero. The draw uses its own CPU generator,
-        so the global RNG is untouched and the result does not depend on the device.
+        relu, 1 for the others); W_enc is a copy of W_dec.T; b_enc is zero and b_dec is
+        ``b_dec`` (d,), the data's mean as sparsify does, or zero; jumprelu's threshold is
+        0.001. The draw uses its own CPU generator, so the global RNG is untouched and the
+        result does not depend on the device.
         """
         gen = torch.Generator(device="cpu").manual_seed(seed)
         rows = torch.randn(cfg.n_features, cfg.d, generator=gen, dtype=torch.float64)  # (F, d)
@@ -101,6 +115,7 @@ class SAE(nn.Module):
             sae.W_enc.copy_(rows.T)
             if b_dec is not None:
                 sae.b_dec.copy_(b_dec)
+            arch_of(cfg.arch).init_state_(sae)
         return sae
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,7 +123,7 @@ class SAE(nn.Module):
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         pre_acts = x @ self.W_enc + self.b_enc  # (N, F)
-        return arch_of(self.cfg.arch).activate(pre_acts, self.cfg), pre_acts
+        return arch_of(self.cfg.arch).activate(pre_acts, self), pre_acts
 
     def decode(self, acts: Tensor) -> Tensor:
         """x̂ (N, d) from acts (N, F)."""
@@ -149,11 +164,13 @@ class SAE(nn.Module):
 
         Folding: f = act((x·s − b_dec·a) @ W_enc + b_enc) = act((x − (b_dec/s)·a) @ (s·W_enc)
         + b_enc), so W_enc_raw = s·W_enc, b_dec_raw = b_dec/s, b_enc is unchanged and the
-        activations are identical; x̂_raw = x̂'/s = f @ (W_dec/s) + b_dec/s.
+        activations are identical; x̂_raw = x̂'/s = f @ (W_dec/s) + b_dec/s. The pre-activations
+        are identical too, so a threshold on them (batchtopk, jumprelu) is saved as it is.
 
-        Returns {"W_enc", "b_enc", "W_dec", "b_dec": CPU float32 contiguous tensors, "cfg": a
-        plain dict with arch, k, apply_b_dec_to_input, d, F and every `extra` (JSON scalars or
-        strings: layer, l1, tokens_seen, ...)}. Loads with torch.load(weights_only=True).
+        Returns {"W_enc", "b_enc", "W_dec", "b_dec" (and the architecture's own: "threshold"):
+        CPU float32 contiguous tensors, "cfg": a plain dict with arch, k, apply_b_dec_to_input,
+        d, F and every `extra` (JSON scalars or strings: layer, l1, tokens_seen, ...)}; the
+        keys per arch are SNAPSHOT_TENSORS_BY_ARCH. Loads with torch.load(weights_only=True).
         """
         s = _check_scale(scale)
         cfg = {"arch": self.cfg.arch, "k": self.cfg.k,
@@ -162,7 +179,7 @@ class SAE(nn.Module):
         cfg.update(_check_extra(extra))
         p = {key: getattr(self, key).detach().double() for key in SNAPSHOT_TENSORS}  # fold in f64
         folded = {"W_enc": p["W_enc"] * s, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / s,
-                  "b_dec": p["b_dec"] / s}
+                  "b_dec": p["b_dec"] / s, **arch_of(self.cfg.arch).snapshot_extra(self)}
         # .clone(): never alias a parameter, whatever its dtype and device
         state = {key: t.to("cpu", torch.float32).contiguous().clone() for key, t in folded.items()}
         state["cfg"] = cfg
@@ -170,26 +187,35 @@ class SAE(nn.Module):
 
     @classmethod
     def from_snapshot(cls, state: dict, device=None, dtype=torch.float32) -> SAE:
-        """An SAE for raw activations from a :meth:`snapshot` dict (extra cfg keys are ignored)."""
+        """An SAE for raw activations from a :meth:`snapshot` dict (extra cfg keys are ignored),
+        in eval mode: batchtopk runs on its threshold, as at inference."""
         cfg = state.get("cfg")
         if not isinstance(cfg, dict):
             raise ValueError("snapshot has no 'cfg' dict")
         missing = [key for key in _SNAPSHOT_CFG_KEYS if key not in cfg]
-        missing += [key for key in SNAPSHOT_TENSORS if key not in state]
         if missing:
             raise ValueError(f"snapshot lacks {', '.join(missing)}")
-        sae = cls(SAEConfig(d=cfg["d"], n_features=cfg["F"], arch=cfg["arch"], k=cfg["k"],
-                            apply_b_dec_to_input=cfg["apply_b_dec_to_input"]),
-                  device=device, dtype=dtype)
+        sae_cfg = SAEConfig(d=cfg["d"], n_features=cfg["F"], arch=cfg["arch"], k=cfg["k"],
+                            apply_b_dec_to_input=cfg["apply_b_dec_to_input"])  # names a bad field
+        missing = [key for key in SNAPSHOT_TENSORS_BY_ARCH[sae_cfg.arch] if key not in state]
+        if missing:
+            raise ValueError(f"snapshot lacks {', '.join(missing)}")
+        sae = cls(sae_cfg, device=device, dtype=dtype)
         with torch.no_grad():
             for key in SNAPSHOT_TENSORS:
-                param = getattr(sae, key)
-                if tuple(state[key].shape) != tuple(param.shape):
-                    raise ValueError(f"snapshot {key} has shape {tuple(state[key].shape)}, "
-                                     f"expected {tuple(param.shape)} for d={cfg['d']}, "
-                                     f"F={cfg['F']}")
-                param.copy_(state[key])
-        return sae
+                getattr(sae, key).copy_(_shaped(state, key, getattr(sae, key).shape, cfg))
+            arch = arch_of(sae_cfg.arch)
+            arch.load_extra_(sae, {key: _shaped(state, key, (sae_cfg.n_features,), cfg)
+                                   for key in arch.extra_tensors})
+        return sae.eval()
+
+
+def _shaped(state: dict, key: str, shape, cfg: dict) -> Tensor:
+    """state[key], refused unless its shape is ``shape``."""
+    if tuple(state[key].shape) != tuple(shape):
+        raise ValueError(f"snapshot {key} has shape {tuple(state[key].shape)}, expected "
+                         f"{tuple(shape)} for d={cfg['d']}, F={cfg['F']}")
+    return state[key]
 
 
 def _check_scale(scale: float) -> float:

@@ -14,15 +14,16 @@ class RunSpec:
     layer: int
     """Block whose output the SAE reconstructs."""
     arch: str
-    """An architecture of :mod:`saecache.sae.archs` (relu, topk)."""
+    """An architecture of :mod:`saecache.sae.archs` (relu, topk, batchtopk, jumprelu)."""
     expansion: int
     """F = expansion × d."""
     l1: float | None = None
-    """L1 coefficient (relu): fixed, or the starting value when adaptive."""
+    """The penalty's coefficient, fixed or the starting value when adaptive: relu's L1
+    coefficient, jumprelu's λ on L0."""
     target_l0: float | None = None
     """Adaptive runs: the L0 the controller steers toward (None: fixed coefficient)."""
     k: int | None = None
-    """Active features per token (topk)."""
+    """Active features per token (topk; batchtopk: on average over a batch)."""
 
     @property
     def family(self) -> str:

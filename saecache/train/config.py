@@ -59,13 +59,13 @@ class TrainConfig:
     out: str = setting("runs", result=False)
     """RUNS folder; one sub-folder per run."""
     arch: str = setting("relu", choices=tuple(ARCHS))
-    """relu: L1 penalty weighted by decoder norms; topk: TopK with AuxK."""
+    """relu: L1 penalty weighted by decoder norms; topk: TopK with AuxK; batchtopk: BatchTopK (k per row on average over a batch); jumprelu: JumpReLU with an L0 penalty (--l1 gives its λ)."""
     expansion: int = setting(32, min=1)
     """F = expansion × d."""
     l1: tuple[str, ...] = setting(("3e-4",), result=False)
     """relu: one run per value: 3e-4 (fixed; λ_Anthropic = l1·d^1.5, docs/l1-units.md), anthropic:5 (λ in Anthropic/SAELens units) or adaptive:150[:start] (target L0)."""
     k: tuple[int, ...] = setting((), min=1, result=False)
-    """topk: one run per k."""
+    """topk, batchtopk: one run per k."""
     tokens: int = setting(300_000_000, min=1, count=True)
     """Training tokens per run."""
     snapshots: tuple[int, ...] | None = setting(

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 from saecache.core.atomic import read_json, read_jsonl, write_json
 from saecache.core.errors import SaecacheError
 from saecache.core.units import format_count, parse_count
-from saecache.sae.l1 import to_anthropic
+from saecache.sae.archs import arch_of
 from saecache.sae.spec import RunSpec
 
 RUN_FILE, METRICS_FILE, EVAL_FILE, CHECKPOINTS = "run.json", "metrics.jsonl", "eval.json", "checkpoints"
@@ -103,7 +103,7 @@ class RunRecord:
             return None
         if self.train.get("conventions", 1) < 2:  # saecache 0.1.0's loss: λ_Anthropic = d·l1
             return self.spec.l1 * self.cache["d"]
-        return to_anthropic(self.spec.l1, self.cache["d"])
+        return arch_of(self.spec.arch).anthropic_lambda(self.spec.l1, self.cache["d"])
 
     def to_json(self) -> dict:
         """run.json: the identity, where the cache was, and λ_Anthropic (informative)."""

@@ -15,7 +15,6 @@ import contextlib
 import torch
 
 from saecache.sae.archs import LossTerms, arch_of
-from saecache.sae.l1 import to_anthropic
 from saecache.sae.metrics import FiringStats, RunningMetrics
 from saecache.sae.model import SAE, SAEConfig
 from saecache.sae.spec import RunSpec
@@ -99,18 +98,24 @@ class SAETrainer:
                 "dead_fraction": self.firing.dead_fraction(window), "dead_window_tokens": window,
                 "dense_fraction": self.firing.dense_fraction(),
                 "l1_coefficient": float(self._l1_now) if self.arch.penalised else None,
-                "l1_anthropic": to_anthropic(float(self._l1_now), self.d) if self.arch.penalised else None,
+                "l1_anthropic": self.arch.anthropic_lambda(float(self._l1_now), self.d)
+                if self.arch.penalised else None,
                 "aux": aux / n, "lr": self._lr, **timing}
 
     @torch.no_grad()
     def heldout_metrics(self, x: torch.Tensor, rows: int = 8192) -> dict:
-        """MSE, FVU, L0 and never-firing fraction on x: (N, d) normalised, in slices."""
+        """MSE, FVU, L0 and never-firing fraction on x: (N, d) normalised, in slices, with the SAE
+        in eval mode (batchtopk: its inference threshold), then back in train mode."""
         metrics = RunningMetrics()
         fired = torch.zeros(self.sae.cfg.n_features, dtype=torch.bool, device=x.device)
-        for part in x.split(rows):
-            out = self.sae(part)
-            metrics.update(part, out.x_hat, out.acts)
-            fired |= (out.acts != 0).any(dim=0)
+        self.sae.eval()
+        try:
+            for part in x.split(rows):
+                out = self.sae(part)
+                metrics.update(part, out.x_hat, out.acts)
+                fired |= (out.acts != 0).any(dim=0)
+        finally:
+            self.sae.train()
         m = metrics.summary()
         return {"mse": m.mse, "fvu": m.fvu, "l0": m.l0, "rows": m.tokens,
                 "dead_fraction": 1.0 - float(fired.float().mean())}
