@@ -38,10 +38,12 @@ if TYPE_CHECKING:  # types only: the model imports this module
 
 DEFAULT_ADAPTIVE_START = 5e-4  # the model card's adaptive run starts at 5e-4
 _ADAPTIVE = re.compile(r"^adaptive:([0-9.eE+-]+)(?::([0-9.eE+-]+))?$")
-JUMPRELU_BANDWIDTH = 0.001
-"""ε, the width of the rectangle kernel of jumprelu's straight-through gradients (the paper's)."""
-JUMPRELU_INIT_THRESHOLD = 0.001
-"""jumprelu's θ at initialisation (the paper's and SAELens')."""
+JUMPRELU_BANDWIDTH = 0.05
+"""ε, the width of the rectangle kernel of jumprelu's straight-through gradients: SAELens 6's
+default, in the same input units (E‖x‖ = √d); the paper's 0.001 is for E‖x‖² = 1 and, on these
+inputs, let almost no pre-activation near θ (L0 stayed at 72 of 256 whatever λ)."""
+JUMPRELU_INIT_THRESHOLD = 0.01
+"""jumprelu's θ at initialisation (SAELens 6's default)."""
 BATCHTOPK_THRESHOLD_RATE = 0.01
 """Weight of each batch in batchtopk's running threshold (SAELens' topk_threshold_lr)."""
 
