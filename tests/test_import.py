@@ -247,3 +247,23 @@ def test_train_runs_on_it_and_eval_says_ce_loss_needs_token_ids(tmp_path, fp16_f
     with_ids = tmp_path / "with-ids"
     assert import_(tmp_path / "big.npy", with_ids, "--tokens-file", tmp_path / "ids.npy").exit_code == 0
     assert_one_line_error(run("eval", runs, "--cache", with_ids, "--device", "cpu"), "pass --model")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_files_are_read_one_block_of_rows_at_a_time(tmp_path, monkeypatch, suffix):
+    from saecache.harvest import tensorfiles
+
+    x = activations(dtype=np.float16)
+    path = _write(tmp_path, "acts" + suffix, {"x": torch.from_numpy(x)} if suffix == ".safetensors" else x)
+    reader = tensorfiles.FORMATS[suffix]
+    reads = []
+    original = reader.rows
+
+    def rows(self, start, stop):
+        reads.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(reader, "rows", rows)
+    assert import_(path, tmp_path / "cache").exit_code == 0
+    assert reads == [CHUNK_ROWS] * (N_SEQ * CTX // CHUNK_ROWS)  # never the whole file
+    np.testing.assert_array_equal(resid(tmp_path / "cache"), x)
