@@ -19,6 +19,7 @@ from saecache.core.options import build, config_options
 from saecache.evaluate.runs import EvalConfig
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.corpus import DatasetSpec
+from saecache.harvest.importer import ImportConfig
 from saecache.report.lossfloor import FitOptions
 from saecache.storage.verify import VERIFY_THREADS
 from saecache.train.config import ReaderConfig, TrainConfig
@@ -112,6 +113,38 @@ def harvest(cache, **values):
                f"{len(result.cache.layout.layers)} layers in {result.seconds:.1f} s "
                f"({rate:,.0f} tok/s, {result.bytes_written / max(result.seconds, 1e-9) / 1e6:,.0f} MB/s) "
                f"→ {cache}", err=True)
+
+
+@cli.command(name="import")
+@click.argument("activations", nargs=-1, metavar="[ACTIVATIONS]")
+@click.argument("cache")
+@config_options(ImportConfig, "ctx", "layer_files", "tokens_file", "chunk_rows", "compression",
+                "writer_threads", "buffers", "overwrite", "progress")
+@storage_option
+def import_(activations, cache, **values):
+    """Write activations made elsewhere into CACHE, as harvest would.
+
+    ACTIVATIONS is layer 0: a .npy or .safetensors file of (tokens, d) float16, bfloat16 or
+    float32 values (FILE.safetensors:NAME picks one tensor of several); give several layers
+    as --layer L=FILE instead. Row r is token r % ctx of sequence r // ctx. Re-running the same
+    command resumes; other files against an existing CACHE are refused.
+    """
+    from saecache.core.units import format_count
+    from saecache.harvest.importer import import_activations
+
+    if len(activations) > 1:
+        raise click.UsageError(f"got {len(activations)} ACTIVATIONS files: give one (layer 0), "
+                               "or --layer L=FILE for each layer")
+    cfg = _config(ImportConfig, values, cache=cache, activations=activations[0] if activations else None)
+    result = import_activations(cfg)
+    layers = len(result.cache.layout.layers)
+    if result.was_complete:
+        click.echo(f"cache at {cache} is already complete ({format_count(result.cache.layout.n_tokens)} "
+                   f"tokens × {layers} layers): nothing to import", err=True)
+        return
+    click.echo(f"imported {format_count(result.tokens_imported)} tokens × {layers} layers in "
+               f"{result.seconds:.1f} s ({result.bytes_written / max(result.seconds, 1e-9) / 1e6:,.0f} "
+               f"MB/s) → {cache}", err=True)
 
 
 @cli.command()

@@ -16,6 +16,7 @@ from saecache.core.devices import default_device
 from saecache.core.errors import SaecacheError
 from saecache.core.settings import setting, validate
 from saecache.evaluate.splice import evaluate_sae
+from saecache.harvest.importer import IMPORTED, has_token_ids
 from saecache.harvest.models import find_blocks, load_model
 from saecache.sae.model import SAE
 from saecache.storage.cache import Cache
@@ -51,6 +52,8 @@ class EvalConfig:
 def evaluate_runs(cfg: EvalConfig) -> dict[RunFolder, dict]:
     """Evaluate the chosen snapshot(s) of every run; returns {run: eval.json contents}."""
     plans = [(run, run.record(), run.select(cfg.snapshot)) for run in find_runs(cfg.runs)]
+    for run, record, _ in plans:
+        _check_imported(cfg, run, record)
     models: dict[tuple, nn.Module] = {}
     results = {}
     for run, record, snapshots in plans:
@@ -81,12 +84,35 @@ def _evaluate_run(cfg: EvalConfig, run: RunFolder, record: RunRecord, snapshots:
     return data
 
 
-def _heldout_tokens(cfg: EvalConfig, record: RunRecord) -> torch.Tensor:
-    """(N, ctx) int64: the cache's held-out sequences, as the run left them out."""
+def _cache_of(cfg: EvalConfig, record: RunRecord) -> Cache:
+    """The cache a run was trained on (or --cache)."""
     location = cfg.cache or record.cache_location
     if location is None:
         raise SaecacheError("run.json does not say where the run's cache is: pass --cache")
-    cache = Cache.open(location, storage_options=cfg.storage_options)
+    return Cache.open(location, storage_options=cfg.storage_options)
+
+
+def _heldout_tokens(cfg: EvalConfig, record: RunRecord) -> torch.Tensor:
+    """(N, ctx) int64: the cache's held-out sequences, as the run left them out."""
+    cache = _cache_of(cfg, record)
     seqs = heldout_seqs(cache.layout, record.train["holdout_fraction"])
     stop = seqs.stop if cfg.max_seqs is None else min(seqs.stop, seqs.start + cfg.max_seqs)
     return torch.from_numpy(cache.tokens[seqs.start:stop]).long()
+
+
+# ---- caches made by `saecache import` -------------------------------------------------------
+
+
+def _check_imported(cfg: EvalConfig, run: RunFolder, record: RunRecord) -> None:
+    """An imported cache has held-out tokens to splice on only if it was imported with its
+    token ids, and a model only if --model names one: say so before any model loads."""
+    if record.model != IMPORTED:
+        return
+    cache = _cache_of(cfg, record)
+    if not has_token_ids(cache.provenance):
+        raise SaecacheError(f"run {run.dir} trained on {cache.location}, imported without token ids: "
+                            "CE loss needs them (import again with --tokens-file IDS); the run's "
+                            "metrics.jsonl has its MSE, FVU and L0")
+    if cfg.model is None:
+        raise SaecacheError(f"run {run.dir} trained on {cache.location}, imported from files: pass "
+                            "--model, the model its activations came from")

@@ -41,6 +41,16 @@ class BlockWriter:
         self.blocks_committed = 0
         self._lock = threading.Lock()
 
+    def __enter__(self) -> BlockWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """On success wait for every write and commit (:meth:`close`), on an error :meth:`abort`."""
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
     def acquire(self) -> HostBuffer:
         """A buffer free to fill; waits while all are being written. Raises a writer's error."""
         while True:
