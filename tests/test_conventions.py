@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from saecache.sae import l1 as l1_units
-from saecache.sae.archs import parse_l1
+from saecache.sae.archs import arch_of, parse_l1
 from saecache.sae.model import SAE, SAEConfig
 from saecache.sae.spec import RunSpec
 from saecache.storage.cache import Cache
@@ -77,6 +77,9 @@ def test_l1_units():
     assert l1_units.loss_coefficient(3e-4, 1024) * 1024 == pytest.approx(l1_units.to_anthropic(3e-4, 1024))
     assert parse_l1("anthropic:5", d=64) == (pytest.approx(5 / 512), None)
     assert parse_l1("3e-4", d=64) == (3e-4, None)
+    jumprelu = arch_of("jumprelu")  # its λ weighs L0: ×d on the summed squared error
+    assert jumprelu.sparsities(("anthropic:5",), (), 64) == [{"l1": 5 / 64, "target_l0": None}]
+    assert jumprelu.anthropic_lambda(5 / 64, 64) == pytest.approx(5.0)
     for bad in ("anthropic:nan", "anthropic:-1", "inf", "nan", "-3e-4", "anthropic:"):
         with pytest.raises(ValueError, match="--l1"):
             parse_l1(bad)

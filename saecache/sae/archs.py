@@ -173,7 +173,11 @@ class ReLU(Architecture):
     def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...], d: int) -> list[dict[str, Any]]:
         if k:
             raise ValueError(f"--k is for --arch {_k_archs()}; --arch {self.name} takes --l1")
-        return [dict(zip(("l1", "target_l0"), parse_l1(value, d))) for value in l1]
+        return [dict(zip(("l1", "target_l0"), parse_l1(value, d, self.from_anthropic))) for value in l1]
+
+    def from_anthropic(self, lam: float, d: int) -> float:
+        """The --l1 coefficient whose anthropic_lambda is ``lam``."""
+        return l1_units.from_anthropic(lam, d)
 
     def run_label(self, spec) -> str:
         if spec.target_l0 is not None:
@@ -317,6 +321,9 @@ class JumpReLU(ReLU):
         # λ weighs the L0 term of the per-element loss: ×d on the summed squared error
         return None if coefficient is None else coefficient * d
 
+    def from_anthropic(self, lam: float, d: int) -> float:
+        return lam / d
+
     def describe(self, spec) -> str:
         text = f"λ = {format_coefficient(spec.l1)} on L0"
         if spec.target_l0 is not None:
@@ -342,10 +349,12 @@ def _k_archs() -> str:
     return " or ".join(name for name, arch in ARCHS.items() if isinstance(arch, TopK))
 
 
-def parse_l1(text: str, d: int = 1) -> tuple[float, float | None]:
+def parse_l1(text: str, d: int = 1,
+             from_anthropic: Callable[[float, int], float] = l1_units.from_anthropic) -> tuple[float, float | None]:
     """(coefficient in saecache units, target L0 or None) of an --l1 value at width d:
-    ``3e-4`` → (3e-4, None); ``anthropic:5`` → (5 / d^1.5, None); ``adaptive:150`` →
-    (5e-4, 150.0); ``adaptive:150:1e-3`` → (1e-3, 150.0). See saecache.sae.l1."""
+    ``3e-4`` → (3e-4, None); ``anthropic:5`` → (from_anthropic(5, d): 5 / d^1.5 for an L1
+    penalty, None); ``adaptive:150`` → (5e-4, 150.0); ``adaptive:150:1e-3`` → (1e-3, 150.0).
+    See saecache.sae.l1."""
     text = text.strip()
     match = _ADAPTIVE.match(text)
     try:
@@ -363,7 +372,7 @@ def parse_l1(text: str, d: int = 1) -> tuple[float, float | None]:
                          "then starting coefficient)") from None
     if not 0 <= value < math.inf:
         raise ValueError(f"--l1 {text!r} is not a finite coefficient ≥ 0: write 3e-4 or adaptive:150")
-    return (l1_units.from_anthropic(value, d) if anthropic else value), None
+    return (from_anthropic(value, d) if anthropic else value), None
 
 
 ARCHS: dict[str, Architecture] = {arch.name: arch
