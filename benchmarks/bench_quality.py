@@ -446,8 +446,9 @@ def make_bench(data: quality_data.DataSet, args, workdir: Path) -> Bench:
 def load_data(name: str, args, root: Path) -> quality_data.DataSet:
     if name == "ground_truth":
         return quality_data.ground_truth(root, d=args.d, n_true=args.true_features,
-                                         train_tokens=args.tokens, heldout_tokens=args.heldout,
-                                         chunk_rows=args.chunk_rows, seed=args.seed)
+                                         mean_l0=args.true_l0, train_tokens=args.tokens,
+                                         heldout_tokens=args.heldout, chunk_rows=args.chunk_rows,
+                                         seed=args.seed)
     return quality_data.real(root, train_tokens=args.tokens, heldout_tokens=args.heldout,
                              chunk_rows=args.chunk_rows, seed=args.seed)
 
@@ -627,7 +628,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--archs", default=None,
                         help="all, saecache (only saecache's architectures), or names [quick: saecache; else all]")
     parser.add_argument("--d", type=int, default=64, help="ground truth width (real: the model's, 64)")
-    parser.add_argument("--true-features", type=int, default=256)
+    parser.add_argument("--true-features", type=int, default=256, help="ground truth: true features")
+    parser.add_argument("--true-l0", type=float, default=8.0, help="ground truth: mean true features per token")
     parser.add_argument("--expansion", type=int, default=8, help="F = expansion × d")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens per run")
     parser.add_argument("--heldout", type=int, default=None, help="held-out rows")
@@ -646,6 +648,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="keep the caches here and reuse them")
     parser.add_argument("--out", default="docs/quality.md", help="Markdown file whose section to write")
     parser.add_argument("--json", default=None, help="also write every result here")
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="only format the tables of a --json file written before (and --out them)")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
@@ -660,12 +664,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    report = run_all(args, log=lambda s: print(s, flush=True))
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+    else:
+        report = run_all(args, log=lambda s: print(s, flush=True))
     section = tables(report)
     print(section)
     if args.out:
         write_section(Path(args.out), section)
-    if args.json:
+    if args.json and not args.render:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
 
 

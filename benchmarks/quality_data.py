@@ -78,19 +78,19 @@ class _Layout:
 
 
 def ground_truth(root: Path, *, d: int, n_true: int, train_tokens: int, heldout_tokens: int,
-                 chunk_rows: int, seed: int = 0) -> DataSet:
+                 chunk_rows: int, mean_l0: float = 8.0, seed: int = 0) -> DataSet:
     """The ground-truth cache under ``root/ground_truth``."""
     folder = root / "ground_truth"
     train_blocks, held_blocks = train_tokens // chunk_rows, -(-heldout_tokens // chunk_rows)
-    settings = dict(d=d, n_true=n_true, train_blocks=train_blocks, held_blocks=held_blocks,
-                    chunk_rows=chunk_rows, seed=seed, version=1)
+    settings = dict(d=d, n_true=n_true, mean_l0=mean_l0, train_blocks=train_blocks,
+                    held_blocks=held_blocks, chunk_rows=chunk_rows, seed=seed, version=1)
     location = str(folder / "cache.zarr")
     if _reuse(folder, settings):
         record = json.loads((folder / "dataset.json").read_text())
         cache, directions, info = Cache.open(location), np.load(folder / "directions.npy"), record["info"]
     else:
         truth = make_ground_truth_cache(location, d=d, n_true=n_true, blocks=train_blocks + held_blocks,
-                                        chunk_rows=chunk_rows, seed=seed)
+                                        chunk_rows=chunk_rows, mean_l0=mean_l0, seed=seed)
         cache, directions, info = truth.cache, truth.directions, truth.info
         np.save(folder / "directions.npy", directions)
         (folder / "dataset.json").write_text(json.dumps(dict(settings=settings, info=info), indent=1))
