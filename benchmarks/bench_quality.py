@@ -567,34 +567,63 @@ def tables(report: dict) -> str:
             rule += "---|---|"
         lines += [head + " CPU s |", rule + "---|"]
         rows = by_set.get(ds["name"], [])
-        order = {a: i for i, a in enumerate(ds["archs"])}
-        rows = sorted(rows, key=lambda r: (order.get(r["arch"], 99), r["target"] if r["target"] == r["target"] else 1e9))
+        trainers = ["saecache", *report["peers"]]
+        rank = lambda r: (trainers.index(_base(r["trainer"])) if _base(r["trainer"]) in trainers
+                          else len(trainers), r["trainer"])
         for arch in ds["archs"]:
             if arch not in ds["saecache_archs"]:
                 for target in ds["targets"]:
-                    empty = "| – | – | – | – |" if truth else "| – | – |"
-                    lines.append(f"| {arch} | {target:g} | saecache | not in this saecache | – {empty} – |")
-        for r in rows:
-            mt = r["metrics"]
-            if r["error"]:
-                cells = f"| {r['arch']} | – | {r['trainer']} | FAILED: {r['error']} | – | – | – |"
-                lines.append(cells + (" – | – |" if truth else "") + " – |")
-                continue
-            cpu = f"{r['cpu_s']:.0f}" + (f" (+{r['search_cpu_s']:.0f} search)" if r["search_cpu_s"] else "")
-            cells = (f"| {r['arch']} | {r['target']:g} | {r['trainer']} | {r['setting']} | "
-                     f"{_fmt(mt.get('fvu'), '.4f')} | {_fmt(mt.get('l0'), '.1f')} | "
-                     f"{_fmt(100 * mt['dead'] if 'dead' in mt else None, '.1f')} |")
-            if truth:
-                cells += (f" {_fmt(mt.get('mmcs'), '.3f')} | "
-                          f"{_fmt(100 * mt['recovered'] if 'recovered' in mt else None, '.1f')} |")
-            lines.append(cells + f" {cpu} |")
-        lines.append("")
+                    lines.append(f"| {arch} | {target:g} | saecache | not in this saecache |"
+                                 + " – |" * (6 if truth else 4))
+            mine = [r for r in rows if r["arch"] == arch]
+            for r in sorted(mine, key=lambda r: (r["target"] if r["target"] == r["target"] else 1e9,
+                                                 *rank(r))):
+                lines.append(_row(r, truth))
+        lines += ["", *summary(rows, ds["targets"], trainers, report["args"].get("tolerance", 0.15)), ""]
     lines += ["Recipes (each trainer's settings per architecture):", ""]
     for name, archs in report["recipes"].items():
         for arch, recipe in archs.items():
             lines.append(f"- {name}, {arch}: {recipe}")
     lines += ["", END]
     return "\n".join(lines) + "\n"
+
+
+def _row(r: dict, truth: bool) -> str:
+    mt = r["metrics"]
+    if r["error"]:
+        return (f"| {r['arch']} | – | {r['trainer']} | FAILED: {r['error']} |"
+                + " – |" * (6 if truth else 4))
+    cpu = f"{r['cpu_s']:.0f}" + (f" (+{r['search_cpu_s']:.0f} search)" if r["search_cpu_s"] else "")
+    cells = (f"| {r['arch']} | {r['target']:g} | {r['trainer']} | {r['setting']} | "
+             f"{_fmt(mt.get('fvu'), '.4f')} | {_fmt(mt.get('l0'), '.1f')} | "
+             f"{_fmt(100 * mt['dead'] if 'dead' in mt else None, '.1f')} |")
+    if truth:
+        cells += (f" {_fmt(mt.get('mmcs'), '.3f')} | "
+                  f"{_fmt(100 * mt['recovered'] if 'recovered' in mt else None, '.1f')} |")
+    return cells + f" {cpu} |"
+
+
+def _base(label: str) -> str:
+    """The trainer of a row label: ``saecache (adaptive)`` → ``saecache``."""
+    return label.split(" (", 1)[0]
+
+
+def summary(rows: list[dict], targets: list[float], trainers: list[str], tolerance: float) -> list[str]:
+    """Best held-out FVU of each trainer at each target, over its architectures and ways of
+    setting the sparsity, counting only runs whose L0 came within ``tolerance`` of the target."""
+    lines = [f"Best FVU per trainer and target L0, any architecture, among runs within "
+             f"±{100 * tolerance:.0f}% of the target L0 (which one in brackets):", "",
+             "| target L0 | " + " | ".join(trainers) + " |", "|---|" + "---|" * len(trainers)]
+    for target in targets:
+        cells = []
+        for trainer in trainers:
+            ok = [r for r in rows if _base(r["trainer"]) == trainer and r["target"] == target
+                  and not r["error"] and abs(r["metrics"]["l0"] / target - 1) <= tolerance]
+            best = min(ok, key=lambda r: r["metrics"]["fvu"], default=None)
+            what = None if best is None else best["arch"] + best["trainer"][len(trainer):]
+            cells.append("–" if best is None else f"{best['metrics']['fvu']:.4f} ({what})")
+        lines.append(f"| {target:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_section(path: Path, section: str) -> None:
