@@ -59,7 +59,8 @@ BEGIN, END = "<!-- bench_quality: begin -->", "<!-- bench_quality: end -->"
 RECOVERED_COSINE = 0.9
 EVAL_ROWS = 8192  # rows per forward pass when evaluating
 PROBE_EVAL_ROWS = 16384  # held-out rows a search probe is measured on
-MAX_STEP = math.log(20.0)  # a search never moves a coefficient by more than 20× at once
+MAX_STEP = math.log(20.0)  # a probe never moves a coefficient by more than 20× at once
+MAX_FULL_STEP = math.log(4.0)  # nor a full-length run by more than 4× beyond the others
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -281,7 +282,7 @@ def coefficient_search(run: Callable[[float, int], Trained], bench: Bench, targe
     at most 20×) bracket the targets in log L0 against log coef. Full-length runs then aim, one
     at a time, at the target missed worst so far: the first placed by the probes, the next
     ones interpolated in log-log between the full-length runs, or along the slope (the
-    probes' until two full runs give one) outside them; until every target is within
+    probes' until two full runs give one, at most 4× on) outside them; until every target is within
     ``tolerance`` or ``full_runs`` are spent. Each target keeps
     the full-length run whose L0 is nearest (the L0 reached is reported); the others' and the
     probes' CPU time is the search's.
@@ -324,7 +325,8 @@ def coefficient_search(run: Callable[[float, int], Trained], bench: Bench, targe
         # depends on the length), along the probes' slope until two full runs give their own
         points = [f[:2] for f in full] or probe_points
         slope = _slope(points) if len(full) >= 2 else _slope(probe_points)
-        log_coef = math.log(_interpolate(points, math.log(target), slope))
+        log_coef = math.log(_interpolate(points, math.log(target), slope,
+                                         MAX_FULL_STEP if full else MAX_STEP))
         if any(abs(log_coef - f[0]) < 1e-3 for f in full):  # the same run again: nudge it
             log_coef += 0.1 * (1 if nearest(target)[1] > math.log(target) else -1)
         model, cpu = timed(lambda: run(math.exp(log_coef), bench.steps))
@@ -354,9 +356,10 @@ def _slope(points: list[tuple[float, float]]) -> float:
     return min(-0.25, max(-4.0, slope))
 
 
-def _interpolate(points: list[tuple[float, float]], y: float, slope: float) -> float:
+def _interpolate(points: list[tuple[float, float]], y: float, slope: float,
+                 max_step: float = MAX_STEP) -> float:
     """The coefficient at log L0 = y: linear in log-log between the nearest points on either
-    side, else along ``slope`` from the nearest point (at most 20× away)."""
+    side, else along ``slope`` from the nearest point (at most e^max_step times away)."""
     below = [p for p in points if p[1] <= y]
     above = [p for p in points if p[1] >= y]
     if below and above:
@@ -366,7 +369,7 @@ def _interpolate(points: list[tuple[float, float]], y: float, slope: float) -> f
         return math.exp((x0 + x1) / 2)
     near = min(points, key=lambda p: abs(p[1] - y))
     step = (y - near[1]) / slope
-    return math.exp(near[0] + max(-MAX_STEP, min(MAX_STEP, step)))
+    return math.exp(near[0] + max(-max_step, min(max_step, step)))
 
 
 # ----------------------------------------------------------------------------- running it
