@@ -189,8 +189,10 @@ class Saecache:
 
     def recipe(self, arch: str) -> str:
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                    if f.name in ("lr", "lr_warmup", "lr_decay", "l1_warmup", "grad_clip", "dead_window")}
-        return "TrainConfig defaults: " + ", ".join(f"{k} {v:g}" for k, v in defaults.items())
+                    if f.name in ("lr", "lr_warmup", "lr_decay", "l1_warmup", "l0_ramp", "grad_clip",
+                                  "dead_window")}
+        return "TrainConfig defaults: " + ", ".join(
+            f"{k} {'auto (2e-4/√(F/2¹⁴))' if v is None else format(v, 'g')}" for k, v in defaults.items())
 
     def train(self, arch: str, mode: Sparsity, value: float, bench: Bench, steps: int) -> Trained:
         setup = bench.setup
@@ -226,7 +228,7 @@ class Saecache:
 
 def _accepts(arch, l1: tuple, k: tuple) -> bool:
     try:
-        arch.sparsities(l1, k)
+        arch.sparsities(l1, k, 64)
         return True
     except (ValueError, TypeError):
         return False

@@ -109,7 +109,7 @@ def test_saecache_only_run_writes_a_table(tmp_path):
     results = report["results"]
     assert results and not [r for r in results if r["error"]]
     assert {r["trainer"] for r in results} >= {"saecache"}
-    searched = [r for r in results if r["trainer"] == "saecache (fixed --l1)"]
+    searched = [r for r in results if r["trainer"] == "saecache (fixed --l1)" and r["arch"] == "relu"]
     assert len(searched) == 3 and all(r["setting"].startswith("fixed --l1 ") for r in searched)
     assert {r["target"] for r in results} == {8.0, 16.0, 32.0}  # 16, 32 and d/2
     topk = [r for r in results if r["arch"] == "topk"]
