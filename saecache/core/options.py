@@ -12,7 +12,6 @@ separator, one comma-separated value), a ``bool | None`` an on/off pair defaulti
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from typing import Any
@@ -144,10 +143,3 @@ def build(cls: type, values: dict[str, Any], **fixed: Any):
                                            and field.default_factory is not dataclasses.MISSING):
             kwargs[field.name] = values[field.name]
     return cls(**kwargs)
-
-
-@functools.cache
-def defaults(cls: type) -> dict[str, Any]:
-    """Field name → default of ``cls`` (fields without one left out)."""
-    return {f.name: default_of(f) for f in dataclasses.fields(cls)
-            if default_of(f) is not dataclasses.MISSING}
