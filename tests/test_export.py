@@ -15,8 +15,8 @@ from saecache.export.export import export_pt, export_saelens, push
 from saecache.export.layout import CARD, transformer_lens_hook
 from saecache.sae.model import SAE
 from saecache.storage.cache import Cache
-from saecache.train.reader import ReaderConfig, read_heldout
 from saecache.train.config import ReaderConfig
+from saecache.train.reader import read_heldout
 from saecache.train.loop import TrainConfig, train
 from tests.reference import load_saelens_folder
 

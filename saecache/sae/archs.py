@@ -142,7 +142,7 @@ class Architecture:
         penalised = self.penalised
         return {"l1": spec.l1 if penalised else None, "target_l0": spec.target_l0,
                 "l1_final": float(coefficient) if penalised else None,
-                "l1_anthropic": self.anthropic_lambda(float(coefficient), d) if penalised else None}
+                "l1_anthropic": self.anthropic_lambda(float(coefficient), d)}
 
     def saelens_fields(self, snap_cfg: dict) -> dict[str, Any]:
         """Architecture-specific entries of the SAELens cfg.json."""

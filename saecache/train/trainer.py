@@ -98,8 +98,7 @@ class SAETrainer:
                 "dead_fraction": self.firing.dead_fraction(window), "dead_window_tokens": window,
                 "dense_fraction": self.firing.dense_fraction(),
                 "l1_coefficient": float(self._l1_now) if self.arch.penalised else None,
-                "l1_anthropic": self.arch.anthropic_lambda(float(self._l1_now), self.d)
-                if self.arch.penalised else None,
+                "l1_anthropic": self.arch.anthropic_lambda(float(self._l1_now), self.d),
                 "aux": aux / n, "lr": self._lr, **timing}
 
     @torch.no_grad()
