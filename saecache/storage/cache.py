@@ -54,15 +54,15 @@ class NodeError(SaecacheError):
 
     def __init__(self, name: str, location: str, reason: str):
         self.array, self.reason = name, reason
-        super().__init__(f"{name} of cache {location} {reason}: the cache is damaged; {_REDO}")
+        super().__init__(f"{name} of cache {location} is {reason}: the cache is damaged; {_REDO}")
 
 
 def _open_group(location: str, where: Location, writable: bool) -> zarr.Group:
     """The cache's zarr group, on a :class:`CheckedStore`; one line if there is none."""
     if not where.exists():
         raise SaecacheError(f"no saecache cache at {location}: run saecache harvest first")
-    store = CheckedStore(where.store(read_only=not writable), location)
     try:
+        store = CheckedStore(where.store(read_only=not writable), location)
         return zarr.open_group(store, mode="r+" if writable else "r")
     except json.JSONDecodeError as err:
         raise SaecacheError(f"the group metadata (zarr.json) of {location} is not valid JSON "
@@ -88,14 +88,14 @@ def _node_problem(name: str, arr: zarr.Array, layout: CacheLayout, tokens_done: 
     tokens are done the token arrays' length is not known yet (it is their maximum)."""
     want = layout.nodes().get(name)
     if want is None:
-        return "is not a node of this layout"
+        return "not a node of this layout"
     have = (tuple(arr.shape), tuple(arr.chunks), str(arr.dtype))
     expected = (want.shape, want.chunks, want.dtype)
     if not tokens_done and name in (names.TOKENS, names.SOURCE):
         have, expected = (have[0][1:], *have[1:]), (want.shape[1:], *expected[1:])
     if have == expected:
         return None
-    return (f"is {have[0]} {have[2]} in chunks of {have[1]}, the layout says "
+    return (f"{have[0]} {have[2]} in chunks of {have[1]}, but the layout says "
             f"{expected[0]} {expected[2]} in chunks of {expected[1]}")
 
 
@@ -106,11 +106,11 @@ def _open_node(group: zarr.Group, name: str, location: str, layout: CacheLayout,
     try:
         arr = group[name]
     except KeyError:
-        raise NodeError(name, location, "is missing (no zarr.json)") from None
+        raise NodeError(name, location, "missing (no zarr.json)") from None
     except (ValueError, TypeError, zarr.errors.BaseZarrError) as err:  # invalid JSON or metadata
-        raise NodeError(name, location, f"is unreadable ({first_line(err)})") from None
+        raise NodeError(name, location, f"unreadable ({first_line(err)})") from None
     if not isinstance(arr, zarr.Array):
-        raise NodeError(name, location, "is a group, not an array")
+        raise NodeError(name, location, "a group, not an array")
     if (why := _node_problem(name, arr, layout, tokens_done)) is not None:
         raise NodeError(name, location, why)
     return arr.with_config(WRITE_CONFIG)

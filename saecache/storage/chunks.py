@@ -201,7 +201,10 @@ def read_chunk_file(path: Path, out: np.ndarray, name: ChunkRef) -> int:
         stored = os.fstat(fd).st_size
         if stored != size + CRC_BYTES:
             raise ChunkError(name, f"the wrong size ({stored} bytes, not {size + CRC_BYTES})")
-        _pread_into(fd, memoryview(out.reshape(-1)), 0)  # straight into the (pinned) buffer: no copy
+        try:
+            _pread_into(fd, memoryview(out.reshape(-1)), 0)  # straight into the (pinned) buffer: no copy
+        except EOFError as err:  # cut short after fstat: another process is rewriting it
+            raise ChunkError(name, f"the wrong size ({err})") from None
         tail = os.pread(fd, CRC_BYTES, size)
     finally:
         os.close(fd)
