@@ -193,10 +193,10 @@ def test_eval_refuses_a_damaged_heldout_tokens_chunk(tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate"])
-def test_info_refuses_a_damaged_commit_record(cache, how):
+def test_info_and_harvest_refuse_a_damaged_commit_record(cache, tiny_model, how):
     damage(cache, "blocks/committed/c/3", how)
-    for args in ([], ["--json"]):
-        one_line(run("info", cache, *args), "blocks/committed chunk (3,) is ")
+    for args in (["info", cache], ["info", cache, "--json"], [*harvest_args(cache, tiny_model), "--no-progress"]):
+        one_line(run(*args), "blocks/committed chunk (3,) is ")
 
 
 def test_a_deleted_commit_chunk_only_means_not_committed(cache):
@@ -278,15 +278,18 @@ NODES = {
 
 
 @pytest.mark.parametrize("case", list(NODES))
-def test_a_damaged_zarr_json_is_one_line(cache, tmp_path, case):
+def test_a_damaged_zarr_json_is_one_line(cache, tmp_path, tiny_model, case):
     key, needle = NODES[case]
     needle = needle.format(cache)
     if "missing" in case:
         (cache / key).unlink()
     else:
         (cache / key).write_text('{"zarr_format": 3, "node_type": ')
-    if key == "zarr.json":
+    if key == "zarr.json":  # every command that opens a cache
         one_line(run("verify", cache), needle)
+        one_line(run(*harvest_args(cache, tiny_model)), needle)
+        runs = copy(FIXTURE / "runs", tmp_path / "runs")
+        one_line(run("eval", runs, "--model", FIXTURE / "model", "--cache", cache, "--device", "cpu"), needle)
     else:  # the other arrays are still checked
         lines = verify_failed(run("verify", cache), needle.split(" is ")[1].split(" (")[0])
         assert lines[0].startswith("BAD resid/01: ") and lines[1].startswith("read ")

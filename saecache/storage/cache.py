@@ -213,7 +213,7 @@ class Cache:
     def create_token_arrays(self, max_seqs: int) -> tuple[zarr.Array, zarr.Array]:
         """(tokens, source) sized for ``max_seqs``; shrunk by :meth:`finish_tokens`."""
         nodes = replace(self.layout, n_seq=max_seqs).nodes()  # one tokens chunk per block
-        return self._create(names.TOKENS, *nodes[names.TOKENS]), self._create(names.SOURCE, *nodes[names.SOURCE])
+        return tuple(self._create(name, *nodes[name]) for name in (names.TOKENS, names.SOURCE))
 
     def finish_tokens(self, n_seq: int) -> None:
         """Fix the sequence count and create the residual and commit arrays."""

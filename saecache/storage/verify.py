@@ -77,7 +77,8 @@ def verify(cache: Cache, threads: int = VERIFY_THREADS) -> VerifyReport:
     problems: list[Problem] = []
     if not cache.tokens_done:  # before tokenisation ends there is nothing that must be complete
         return VerifyReport(0, 0, problems, {})
-    committed = _commit_record(cache, problems)
+    record = _commit_record(cache, problems)  # None: the commit array itself is bad (reported below)
+    committed = np.zeros(cache.layout.n_blocks, dtype=bool) if record is None else record
     chunks = nbytes = 0
     nonfinite: dict[int, int] = {}
     node_names = [names.TOKENS, names.SOURCE, names.BLOCK_STATS, names.COMMITTED]
@@ -93,8 +94,8 @@ def verify(cache: Cache, threads: int = VERIFY_THREADS) -> VerifyReport:
             chunks, nbytes = chunks + read, nbytes + size
             if name.startswith("resid/"):
                 nonfinite[int(name.split("/")[1])] = bad_values
-    if cache.complete:
-        problems += _uncommitted(cache, committed) + _stats_differ(cache, committed, problems)
+    if cache.complete and record is not None:
+        problems += _uncommitted(committed) or _stats_differ(cache, problems)
         problems += _recorded_counts_differ(cache, nonfinite)
     return VerifyReport(chunks, nbytes, problems, nonfinite)
 
@@ -116,14 +117,14 @@ def _check_array(cache: Cache, name: str, arr: zarr.Array, committed: np.ndarray
     return read, nbytes, bad_values
 
 
-def _commit_record(cache: Cache, problems: list[Problem]) -> np.ndarray:
-    """(n_blocks,) bool: which blocks are committed. A commit chunk that is unreadable is a
-    problem (not "uncommitted"); its block counts as uncommitted for the other checks."""
+def _commit_record(cache: Cache, problems: list[Problem]) -> np.ndarray | None:
+    """(n_blocks,) bool: which blocks are committed, or None if the commit array is missing
+    or misshapen. A commit chunk that is unreadable is a problem (not "uncommitted"); its
+    block counts as uncommitted for the other checks."""
     try:
         return cache.committed()
-    except NodeError as err:
-        problems.append(Problem(names.COMMITTED, None, err.reason))
-        return np.zeros(cache.layout.n_blocks, dtype=bool)
+    except NodeError:
+        return None
     except ChunkError:  # find which: one chunk at a time
         pass
     arr, flags = cache.array(names.COMMITTED), np.zeros(cache.layout.n_blocks, dtype=bool)
@@ -135,7 +136,7 @@ def _commit_record(cache: Cache, problems: list[Problem]) -> np.ndarray:
     return flags
 
 
-def _uncommitted(cache: Cache, committed: np.ndarray) -> list[Problem]:
+def _uncommitted(committed: np.ndarray) -> list[Problem]:
     """A cache marked complete must have every block committed."""
     todo = np.flatnonzero(~committed)
     if not len(todo):
@@ -144,9 +145,10 @@ def _uncommitted(cache: Cache, committed: np.ndarray) -> list[Problem]:
                     f"(first: block {todo[0]}), yet the cache is marked complete")]
 
 
-def _stats_differ(cache: Cache, committed: np.ndarray, found: list[Problem]) -> list[Problem]:
-    """The statistics in the attributes must be what blocks/stats gives (storage.stats.per_layer,
-    the same arithmetic as when the cache was finished: equal up to float rounding)."""
+def _stats_differ(cache: Cache, found: list[Problem]) -> list[Problem]:
+    """The statistics in the attributes of a complete cache must be what blocks/stats gives
+    (storage.stats.per_layer, the same arithmetic as when the cache was finished: equal up to
+    float rounding). Only checked when every block is committed and no such chunk is bad."""
     if any(p.array in (names.BLOCK_STATS, names.COMMITTED) for p in found):
         return []  # blocks/stats or the commit record is already reported bad
     try:
