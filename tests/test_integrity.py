@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from saecache.cli import cli
 from saecache.storage import layout as names
 from saecache.storage.cache import FORMAT_VERSION, Cache
-from saecache.storage.chunks import ChunkError
+from saecache.storage.chunks import CheckedStore, ChunkError, chunk_file
 from saecache.storage.header import checksum
 from saecache.storage.layout import CacheLayout
 from saecache.train.config import ReaderConfig
@@ -320,11 +320,20 @@ def test_every_zarr_read_path_refuses_a_missing_chunk(cache):
     assert arr.blocks[3].shape == (256, 64)  # the others read as before
 
 
-def test_a_damaged_header_can_still_be_overwritten(cache):
+def test_a_damaged_header_can_still_be_overwritten(cache, tiny_model):
     """What every metadata error says to do (harvest it again with --overwrite) works."""
     edit_header(cache, lambda h: h["layout"].update(d=10**7), resign=False)
-    Cache.remove(str(cache))
-    assert not cache.exists()
+    one_line(run("info", cache), "fails its checksum", "harvest it again with --overwrite")
+    result = run(*harvest_args(cache, tiny_model), "--overwrite", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert run("verify", cache).output.splitlines()[-1] == "ok"
+
+
+def test_the_readers_fast_path_still_reads_plain_files(cache):
+    """The checked store wraps zarr's local store; plain reads of chunk files still find them."""
+    arr = Cache.open(str(cache)).resid(1)
+    assert isinstance(arr.store, CheckedStore)
+    assert chunk_file(arr, 3) == cache / "resid" / "01" / "c" / "3" / "0"
 
 
 def test_block_stats_read_only_committed_blocks(cache):
