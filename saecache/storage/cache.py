@@ -11,6 +11,12 @@ Nodes (names in ``layout``):
 Progress is the commit record, never an array's shape: a chunk file appears atomically, the
 ``blocks/committed`` chunk of a block is written last, and resume redoes every block whose
 flag is missing. Every array carries a crc32c checksum per chunk.
+
+Integrity: the group is opened on a :class:`storage.chunks.CheckedStore`, so no read ever
+returns zarr's fill value for a chunk that must exist or decodes a chunk failing its crc32c;
+the ``saecache`` attribute is checked (checksum, types, plausible sizes: storage.header) when
+the cache opens; and each array is checked against the layout (shape, chunks, dtype) when it
+is first opened. Each failure is one line naming the array, chunk or field.
 """
 
 from __future__ import annotations
