@@ -297,6 +297,16 @@ def test_a_damaged_zarr_json_is_one_line(cache, tmp_path, tiny_model, case):
     one_line(run("train", cache, *TRAIN, "--out", tmp_path / "runs"), needle)
 
 
+def test_an_array_stripped_of_its_crc32c_is_refused(cache, tmp_path):
+    path = cache / "resid" / "01" / "zarr.json"
+    meta = json.loads(path.read_text())
+    meta["codecs"] = [c for c in meta["codecs"] if c["name"] != "crc32c"]
+    path.write_text(json.dumps(meta))
+    needle = "resid/01 of cache {} is stored without a crc32c checksum (codecs ['bytes'])".format(cache)
+    one_line(run("train", cache, *TRAIN, "--out", tmp_path / "runs"), needle)
+    verify_failed(run("verify", cache), "BAD resid/01: stored without a crc32c checksum")
+
+
 def test_a_cache_path_that_is_a_regular_file_is_one_line(tmp_path, tiny_model):
     file = tmp_path / "cache.zarr"
     file.write_text("not a cache")

@@ -99,10 +99,13 @@ def _node_problem(name: str, arr: zarr.Array, layout: CacheLayout, tokens_done: 
     expected = (want.shape, want.chunks, want.dtype)
     if not tokens_done and name in (names.TOKENS, names.SOURCE):
         have, expected = (have[0][1:], *have[1:]), (want.shape[1:], *expected[1:])
-    if have == expected:
-        return None
-    return (f"{have[0]} {have[2]} in chunks of {have[1]}, but the layout says "
-            f"{expected[0]} {expected[2]} in chunks of {expected[1]}")
+    if have != expected:
+        return (f"{have[0]} {have[2]} in chunks of {have[1]}, but the layout says "
+                f"{expected[0]} {expected[2]} in chunks of {expected[1]}")
+    codecs = tuple(arr.metadata.codecs)
+    if not codecs or not isinstance(codecs[-1], Crc32cCodec):  # saecache always writes one
+        return f"stored without a crc32c checksum (codecs {[c.to_dict()['name'] for c in codecs]})"
+    return None
 
 
 def _open_node(group: zarr.Group, name: str, location: str, layout: CacheLayout,
