@@ -379,11 +379,6 @@ def assert_process_failed(proc: subprocess.CompletedProcess, needle: str) -> Non
     assert last.startswith("saecache: error: ") and needle in proc.stderr, proc.stderr
 
 
-def test_verify_in_a_real_process(cache):
-    damage(cache, "resid/01/c/3/0", "flip")
-    assert_process_failed(saecache("verify", cache), "BAD resid/01 chunk (3, 0): corrupt")
-
-
 def test_train_in_a_real_process_refuses_a_missing_heldout_chunk(train_cache, tmp_path):
     path = copy(train_cache, tmp_path / "cache.zarr")
     held = split_blocks(Cache.open(str(path)).layout)[1][0]
