@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from saecache.storage.cache import FORMAT_VERSION, Cache
+from saecache.storage.cache import UNCHECKSUMMED, Cache
 from tests.test_cli import run
 
 FIXTURE = Path(__file__).parent / "data" / "saecache-0.1.0"
@@ -28,7 +28,7 @@ def old_cache(tmp_path) -> Path:
 
 def test_it_opens_as_a_complete_cache(old_cache):
     cache = Cache.open(str(old_cache))
-    assert cache.meta["format_version"] == FORMAT_VERSION and cache.meta["saecache_version"] == "0.1.0"
+    assert cache.meta["format_version"] == UNCHECKSUMMED and cache.meta["saecache_version"] == "0.1.0"
     assert cache.complete and cache.committed().all() and cache.layout.n_blocks == 16
     assert cache.location == str(old_cache)
 

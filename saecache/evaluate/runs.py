@@ -97,7 +97,7 @@ def _heldout_tokens(cfg: EvalConfig, record: RunRecord) -> torch.Tensor:
     cache = _cache_of(cfg, record)
     seqs = heldout_seqs(cache.layout, record.train["holdout_fraction"])
     stop = seqs.stop if cfg.max_seqs is None else min(seqs.stop, seqs.start + cfg.max_seqs)
-    return torch.from_numpy(cache.tokens[seqs.start:stop]).long()
+    return torch.from_numpy(cache.tokens[seqs.start:stop]).long()  # the store refuses a missing chunk
 
 
 # ---- caches made by `saecache import` -------------------------------------------------------

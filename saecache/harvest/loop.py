@@ -98,6 +98,7 @@ def _forward_unit(cfg, cache: Cache, capture: ResidualCapture, writer: BlockWrit
     """Forward every sequence of one unit, then hand its pending blocks to the writer."""
     layout = cache.layout
     seqs = range(layout.block_seqs(unit[0]).start, layout.block_seqs(unit[-1]).stop)
+    # a missing or corrupt tokens chunk is refused by the cache's store, naming it: never zeros
     ids = torch.from_numpy(cache.tokens[seqs.start:seqs.stop]).to(capture.device)  # (S, ctx)
     buffer = writer.acquire()
     for start in range(0, len(seqs), cfg.batch_size):

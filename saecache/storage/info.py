@@ -13,6 +13,8 @@ from saecache.core.units import format_count, format_layers
 def describe(cache: Cache) -> dict:
     """A JSON-able description: provenance, layout, progress, storage and per-layer stats."""
     lay = cache.layout
+    for name in lay.nodes() if cache.tokens_done else ():
+        cache.array(name)  # each checked against the layout: a damaged one is one line, not a wrong size
     committed = cache.committed()
     done_seqs = sum(len(lay.block_seqs(int(b))) for b in np.flatnonzero(committed))
     resid_logical = done_seqs * lay.ctx * lay.d * 2 * len(lay.layers)

@@ -9,7 +9,8 @@ a writer owns whole blocks, so no two writers ever touch the same chunk.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 TOKENS = "tokens"
 SOURCE = "source"
@@ -19,6 +20,16 @@ BLOCK_STATS = "blocks/stats"
 # Target rows per residual chunk: 16384 × 1024 fp16 = 32 MiB at Pythia-410M's width, the size
 # that wrote and read best (docs/benchmarks.md, "Cache layout").
 DEFAULT_CHUNK_ROWS = 16384
+# Caps on what a layout read from a cache may say: generous (Pythia-410M's card is ctx 2048,
+# d 1024, 24 layers, 300M tokens in 18K blocks of 32 MiB) but finite, so that crafted or
+# damaged metadata is refused before anything is allocated from it.
+MAX_CTX = 2**20
+MAX_D = 2**16
+MAX_LAYERS = 4096  # a layer index is below this
+MAX_TOKENS = 2**40  # n_seq * ctx: ~1.1T tokens
+MAX_BLOCKS = 2**24  # the commit record is read whole: at most 16 MiB
+MAX_CHUNK_BYTES = 2**32  # one chunk of any array (4 GiB), decoded whole by every read
+COMPRESSIONS = ("none", "zstd")
 # Fields a resumed harvest must share with the cache: (label in messages, field name).
 _IDENTITY = (
     ("ctx", "ctx"),
@@ -31,6 +42,14 @@ _IDENTITY = (
 def resid_name(layer: int) -> str:
     """``resid/05``: the residual stream after block 5."""
     return f"resid/{layer:02d}"
+
+
+class NodeShape(NamedTuple):
+    """What one array of a cache must be, as its layout says."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
 
 
 @dataclass(frozen=True)
@@ -84,9 +103,67 @@ class CacheLayout:
         return [f"{label} is {mine[name]!r} in the cache, not {theirs[name]!r}"
                 for label, name in _IDENTITY if mine[name] != theirs[name]]
 
+    def nodes(self) -> dict[str, NodeShape]:
+        """Every array of a cache with this layout: name → shape, chunks and dtype."""
+        rows, width = self.rows_per_block, self.d + 4  # width: storage.stats.width(d)
+        nodes = {TOKENS: NodeShape((self.n_seq, self.ctx), (self.seqs_per_block, self.ctx), "int32"),
+                 SOURCE: NodeShape((self.n_seq, 2), (self.seqs_per_block, 2), "int64")}
+        for layer in self.layers:
+            nodes[resid_name(layer)] = NodeShape((self.n_tokens, self.d), (rows, self.d), "float16")
+        nodes[BLOCK_STATS] = NodeShape((self.n_blocks, len(self.layers), width),
+                                       (1, len(self.layers), width), "float64")
+        nodes[COMMITTED] = NodeShape((self.n_blocks,), (1,), "uint8")
+        return nodes
+
+    def implausible(self) -> str | None:
+        """Why this layout cannot be a cache's (a damaged or crafted one), or None: checked
+        before any size is computed from it, so nothing huge is ever allocated."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "layers":
+                if not value or not all(_is_int(v) and 0 <= v < MAX_LAYERS for v in value) \
+                        or list(value) != sorted(set(value)):
+                    return f"layers {list(value)!r} are not distinct ascending layer indices"
+            elif f.name == "compression":
+                if value not in COMPRESSIONS:
+                    return f"compression {value!r} is not one of {', '.join(COMPRESSIONS)}"
+            elif not _is_int(value):
+                return f"{f.name} {value!r} is not an integer"
+        return self._implausible_size()
+
+    def _implausible_size(self) -> str | None:
+        fields_first = (("ctx", self.ctx, 1, MAX_CTX), ("d", self.d, 1, MAX_D),
+                        ("seqs_per_block", self.seqs_per_block, 1, MAX_CHUNK_BYTES),
+                        ("n_seq", self.n_seq, 0, MAX_TOKENS))
+        for label, value, low, high in fields_first:  # before anything is computed from them
+            if not low <= value <= high:
+                return f"{label} {value} is outside {low}..{high}"
+        chunk = self.seqs_per_block * self.ctx * max(2 * self.d, 4)  # bytes of a resid or tokens chunk
+        for label, value, high in (("n_seq * ctx", self.n_tokens, MAX_TOKENS),
+                                   ("blocks", self.n_blocks, MAX_BLOCKS),
+                                   ("bytes per chunk", chunk, MAX_CHUNK_BYTES)):
+            if value > high:
+                return f"{label} {value} is more than {high}"
+        return None
+
     def to_json(self) -> dict:
         return {**asdict(self), "layers": list(self.layers)}
 
     @classmethod
     def from_json(cls, data: dict) -> CacheLayout:
-        return cls(**{**data, "layers": tuple(data["layers"])})
+        """The layout saved in a cache's attributes; ValueError, naming the field, for one that
+        is malformed or implausible."""
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+            raise ValueError(f"layout {data!r} is not a layout")
+        names = {f.name for f in fields(cls)}
+        if set(data) - names or {"ctx", "d", "layers", "seqs_per_block", "n_seq"} - set(data):
+            raise ValueError(f"layout fields {sorted(data)} are not {sorted(names)}")
+        layout = cls(**{**data, "layers": tuple(data["layers"])})
+        if (why := layout.implausible()) is not None:
+            raise ValueError(f"layout {why}")
+        return layout
+
+
+def _is_int(value) -> bool:
+    """A JSON integer (not a bool, not 1e13 written as a float)."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -155,6 +155,8 @@ def read_heldout(cache: Cache, layer: int, cfg: ReaderConfig, max_rows: int | No
     _, held = split_blocks(lay, cfg.holdout_fraction)
     start = lay.block_rows(int(held[0])).start
     stop = lay.n_tokens if max_rows is None else min(lay.n_tokens, start + max_rows)
+    # through zarr: the cache's store (storage.chunks.CheckedStore) refuses, naming it, a
+    # held-out chunk that is missing (zarr would give zeros), the wrong size or corrupt
     return torch.from_numpy(arr[start:stop])
 
 
