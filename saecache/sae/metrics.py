@@ -163,3 +163,20 @@ class RunningMetrics:
         fvu_ = sq_err / den if den > 0 else nan
         l0_ = self._nonzero.item() / self._acts_rows if self._acts_rows else nan
         return MetricsSummary(n, sq_err / (n * d), fvu_, 1.0 - fvu_, l0_)
+
+    _SUMS = ("_sq_err", "_sum_x", "_sum_sq_x", "_nonzero")
+
+    def state_dict(self) -> dict:
+        """The sums so far (CPU tensors, weights_only-loadable): a run resumed between two
+        metrics lines writes the next line as if it had never stopped."""
+        sums = {name: getattr(self, name) for name in self._SUMS if getattr(self, name) is not None}
+        return {"tokens": self.tokens, "acts_rows": self._acts_rows,
+                **{name: value.cpu().clone() for name, value in sums.items()}}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Restore a :meth:`state_dict`, its sums on ``device``."""
+        self.reset()
+        self.tokens, self._acts_rows = int(state["tokens"]), int(state["acts_rows"])
+        for name in self._SUMS:
+            if name in state:
+                setattr(self, name, state[name].to(device).clone())
