@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import torch
 
+from saecache.core.atomic import check_folder
 from saecache.core.distributed import ranks
 from saecache.core.errors import SaecacheError
 from saecache.core.progress import Progress
@@ -36,8 +37,11 @@ def train(cfg: TrainConfig) -> list[SisterRun]:
     """
     group = ranks()
     cfg = replace(cfg, device=group.device(cfg.device))
+    check_folder(cfg.out)
     cache = Cache.open(cfg.cache, storage_options=cfg.storage_options)
     _check_cache(cache, cfg)
+    for layer in cfg.layers:  # what needs the cache's d and size, before any run folder is made
+        _check_layer(cfg, cache, layer)
     _set_precision(cfg.precision)
     finished = []
     for layer in group.mine(list(cfg.layers)):
@@ -57,6 +61,23 @@ def _check_cache(cache: Cache, cfg: TrainConfig) -> None:
                             f"(it holds layers {', '.join(map(str, cache.layout.layers))})")
 
 
+def _check_layer(cfg: TrainConfig, cache: Cache, layer: int) -> Plan:
+    """The pass over ``layer``; one line if --tokens is more than it holds or a sparsity does
+    not fit the SAE's width (--k above F)."""
+    plan = Plan(cache.layout, layer, cfg.reader)
+    if cfg.steps > plan.n_batches:
+        raise SaecacheError(
+            f"--tokens {format_count(cfg.tokens)} is more than the {format_count(plan.n_tokens)} "
+            f"training tokens layer {layer} of {cache.location} holds (its last blocks are held "
+            "out): lower --tokens or harvest more"
+        )
+    try:
+        cfg.run_specs(layer, cache.layout.d)
+    except ValueError as err:
+        raise SaecacheError(str(err)) from None
+    return plan
+
+
 def run_identity(cache: Cache, layer: int) -> dict:
     """What a run records of its cache: the provenance identity, the layout, the layer."""
     lay = cache.layout
@@ -72,13 +93,7 @@ def _set_precision(precision: str) -> None:
 
 def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
     """Train all runs of one layer from one read pass of its residuals."""
-    plan = Plan(cache.layout, layer, cfg.reader)
-    if cfg.steps > plan.n_batches:
-        raise SaecacheError(
-            f"--tokens {format_count(cfg.tokens)} is more than the {format_count(plan.n_tokens)} "
-            f"training tokens layer {layer} of {cache.location} holds (its last blocks are held "
-            "out): lower --tokens or harvest more"
-        )
+    _check_layer(cfg, cache, layer)
     stats, d = cache.layer_stats(layer), cache.layout.d
     scale = math.sqrt(d) / stats.mean_norm  # E‖x·scale‖ = √d
     mean = torch.from_numpy(stats.mean * scale).float()  # (d,) where b_dec starts
@@ -86,25 +101,24 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
                for spec in cfg.run_specs(layer, d)]
     runs = [SisterRun.open(RunFolder.of(cfg.out, r.spec), r, cfg, d, mean) for r in records]
     start = SisterRun.common_step(runs)
-    for run in runs:
-        run.resume(start)
+    bytes_read = [run.resume(start) for run in runs][0]
     if start >= cfg.steps:
         return runs
     heldout = read_heldout(cache, layer, cfg.reader, cfg.heldout_rows)  # (H, d) fp16
     heldout = heldout.to(cfg.device).float() * scale
     with PrefetchReader(cache, layer, cfg.reader, cfg.device) as reader:
-        _loop(cfg, runs, reader, heldout, start, scale)
+        _loop(cfg, runs, _Window(reader, start, bytes_read), heldout, start, scale)
     return runs
 
 
-def _loop(cfg: TrainConfig, runs: list[SisterRun], reader, heldout, start: int, scale: float) -> None:
+def _loop(cfg: TrainConfig, runs: list[SisterRun], window: _Window, heldout, start: int,
+          scale: float) -> None:
     progress = Progress(cfg.tokens, f"layer {runs[0].spec.layer}", cfg.progress)
     progress.update(start * cfg.batch_size)
     snapshot_steps = {-(-s // cfg.batch_size) - 1: s for s in cfg.snapshots}  # step reaching s
     every = max(1, cfg.checkpoint_every // cfg.batch_size)
-    window = _Window(reader, start)
     try:
-        batches = reader.iter(start)
+        batches = window.reader.iter(start)
         for step in range(start, cfg.steps):
             x = next(batches).float() * scale  # (B, d) on the device, E‖x‖ = √d
             for run in runs:  # every sister run trains on this same batch
@@ -119,26 +133,35 @@ def _loop(cfg: TrainConfig, runs: list[SisterRun], reader, heldout, start: int, 
                     run.save_snapshot(step, None if last else snapshot_steps[step], heldout)
             if step in snapshot_steps or last or (step + 1) % every == 0:
                 for run in runs:
-                    run.checkpoint(step + 1)
+                    run.checkpoint(step + 1, window.bytes_read)
             progress.update(cfg.batch_size)
     finally:
         progress.close()
 
 
 class _Window:
-    """Throughput and data-wait fraction since the last metrics line."""
+    """Throughput and data-wait fraction since the last metrics line, and the bytes read.
 
-    def __init__(self, reader, step: int):
-        self.reader = reader
+    All three are measurements of this process, not results: tokens/s and the wait are
+    wall-clock, and bytes_read counts what the reader's threads have read, read-ahead
+    included (it continues from the checkpoint a run resumed from, plus the chunks re-read)."""
+
+    def __init__(self, reader, step: int, bytes_before: int = 0):
+        self.reader, self.bytes_before = reader, bytes_before
         self._reset(step)
 
     def _reset(self, step: int) -> None:
         self.step, self.time, self.wait = step, time.perf_counter(), self.reader.wait_seconds
 
+    @property
+    def bytes_read(self) -> int:
+        """Stored bytes of the chunks read by the run so far, over every process of it."""
+        return self.bytes_before + self.reader.bytes_read
+
     def take(self, step: int, batch_size: int) -> dict:
         seconds = max(time.perf_counter() - self.time, 1e-9)
         out = {"tokens_per_s": (step - self.step) * batch_size / seconds,
                "data_wait_fraction": (self.reader.wait_seconds - self.wait) / seconds,
-               "bytes_read": self.reader.bytes_read}
+               "bytes_read": self.bytes_read}
         self._reset(step)
         return out
