@@ -53,7 +53,7 @@ class SisterRun:
                 raise SaecacheError(f"run {folder.dir} exists with other settings ({diff}): use the "
                                     "same settings to resume, or another --out")
         run = _built(cls, folder, record, cfg, d, mean)
-        if folder.is_run:
+        if folder.dir.is_dir():  # a kill may have left .run.json.XXXXXXXX before run.json
             with run._writing(folder.dir):
                 folder.remove_temporaries()
         return run
@@ -149,7 +149,7 @@ def _built(cls: type[SisterRun], folder: RunFolder, record: RunRecord, cfg: Trai
     try:
         return cls(folder, record, cfg, d, mean)
     except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; a RuntimeError from the CPU allocator
-        if not (isinstance(err, torch.OutOfMemoryError) or "allocate memory" in str(err)):
+        if not (isinstance(err, torch.cuda.OutOfMemoryError) or "allocate memory" in str(err)):
             raise
         n_features = record.spec.expansion * d
         raise SaecacheError(f"an SAE of F = {n_features:,} features × d = {d} (--expansion "
