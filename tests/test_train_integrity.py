@@ -238,22 +238,39 @@ def test_a_write_that_fails_leaves_no_temporary(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_torch_save_on_a_full_disk_keeps_the_reason(tmp_path, monkeypatch):
-    real_write = atomic._Recorder.write
-    calls = {"n": 0}
+class FullDisk:
+    """A file that takes ``room`` bytes, then fails as a full disk does."""
 
-    def write_until_full(self, data):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            self.f.write(b"")
-            self.error = self.error or OSError(errno.ENOSPC, "No space left on device")
-            raise self.error
-        return real_write(self, data)
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
 
-    monkeypatch.setattr(atomic._Recorder, "write", write_until_full)
-    with pytest.raises(OSError) as err:  # torch turns the write's error into a RuntimeError
-        atomic.atomic_write(tmp_path / "w.pt", lambda f: torch.save({"w": torch.zeros(4096)}, f))
-    assert err.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+def test_torch_save_on_a_full_disk_is_the_disk_error_naming_the_file(tmp_path, monkeypatch):
+    real_fdopen = os.fdopen
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), 1000))
+        with pytest.raises(RuntimeError):  # what torch makes of it by itself
+            with open(tmp_path / "plain.pt", "wb") as f:
+                torch.save({"w": torch.zeros(4096)}, FullDisk(f, 1000))
+        with pytest.raises(OSError) as err:
+            atomic.atomic_write(tmp_path / "w.pt", lambda f: torch.save({"w": torch.zeros(4096)}, f))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "w.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pt"]  # no temporary left
 
 
 # ---- 2, 3. SIGTERM and kill -9, then the same command ----------------------------------------
