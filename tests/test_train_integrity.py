@@ -305,6 +305,29 @@ def test_sigterm_then_kill_9_between_metrics_lines_then_rerun_equals_an_uninterr
         assert counts == sorted(counts) and counts[0] > 0
 
 
+@pytest.mark.parametrize("how, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_during_a_command_is_the_resume_hint_and_the_handler_is_put_back(monkeypatch, tmp_path,
+                                                                                    how, code):
+    import saecache.report.report as report
+
+    cleaned = []
+
+    def interrupted(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), getattr(signal, how))
+            time.sleep(30)  # the handler interrupts this
+        finally:
+            cleaned.append(True)
+
+    monkeypatch.setattr(report, "write_report", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    result = run_cli("report", tmp_path, "--out", tmp_path / "r")
+    assert result.exit_code == code and time.monotonic() - started < 20
+    assert result.output.strip().splitlines() == ["saecache: interrupted; re-run the same command to resume"]
+    assert cleaned == [True] and signal.getsignal(signal.SIGTERM) is before
+
+
 HARVEST = ["--dataset", str(DEMO_TEXT), "--tokens", "2048", "--ctx", "32", "--chunk-rows", "32",
            "--batch-size", "1", "--device", "cpu", "--writer-threads", "2", "--no-progress"]
 
