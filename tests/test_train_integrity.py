@@ -23,9 +23,12 @@ import saecache.core.atomic as atomic
 import saecache.train.sister as sister
 from saecache.cli import cli
 from saecache.demo.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model
+from saecache.sae.metrics import RunningMetrics
 from saecache.storage.cache import Cache
+from saecache.train.config import ReaderConfig, TrainConfig
 from saecache.train.reader import heldout_seqs
 from saecache.train.runfolder import RunFolder
+from saecache.train.trainer import SAETrainer
 from tests.conftest import tree_digest
 from tests.test_cli import assert_one_line_error
 from tests.test_resume import commits
@@ -271,6 +274,55 @@ def test_torch_save_on_a_full_disk_is_the_disk_error_naming_the_file(tmp_path, m
             atomic.atomic_write(tmp_path / "w.pt", lambda f: torch.save({"w": torch.zeros(4096)}, f))
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "w.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pt"]  # no temporary left
+
+
+# ---- 3. the metrics window in the checkpoint -------------------------------------------------
+
+
+def test_running_metrics_resumed_from_their_state_sum_as_if_never_stopped():
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen),
+                torch.relu(torch.randn(16, 32, generator=gen))) for _ in range(4)]
+    whole, first = RunningMetrics(), RunningMetrics()
+    for batch in batches:
+        whole.update(*batch)
+    for batch in batches[:2]:
+        first.update(*batch)
+    state = torch.load(_saved(first.state_dict()), weights_only=True)
+    resumed = RunningMetrics()
+    resumed.load_state_dict(state)
+    for batch in batches[2:]:
+        resumed.update(*batch)
+    assert resumed.summary() == whole.summary()
+    fresh = RunningMetrics()
+    fresh.load_state_dict(RunningMetrics().state_dict())  # an empty window round-trips too
+    assert fresh.tokens == 0
+
+
+def _saved(state: dict):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_trainer_resumed_between_two_lines_writes_the_uninterrupted_line():
+    cfg = TrainConfig(cache="c", layers=(0,), expansion=2, tokens=64 * 16, device="cpu", progress=False,
+                      l1=("adaptive:4",), reader=ReaderConfig(batch_size=64))
+    spec, gen = cfg.run_specs(0, d=8)[0], torch.Generator().manual_seed(1)
+    xs = [torch.randn(64, 8, generator=gen) for _ in range(6)]
+    whole, first = SAETrainer(spec, cfg, d=8), SAETrainer(spec, cfg, d=8)
+    for step, x in enumerate(xs):
+        whole.step(x, step)
+    for step, x in enumerate(xs[:4]):
+        first.step(x, step)
+    resumed = SAETrainer(spec, cfg, d=8)
+    resumed.load_state_dict(torch.load(_saved(first.state_dict()), weights_only=True))
+    for step, x in enumerate(xs[4:], start=4):
+        resumed.step(x, step)
+    assert resumed.metrics_line(5, {}) == whole.metrics_line(5, {})
 
 
 # ---- 2, 3. SIGTERM and kill -9, then the same command ----------------------------------------

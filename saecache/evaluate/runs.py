@@ -85,8 +85,8 @@ def _evaluate_run(cfg: EvalConfig, run: RunFolder, record: RunRecord, snapshots:
     return data
 
 
-def _check_fits(run: RunFolder, layer: int, tokens: torch.Tensor, blocks, model: nn.Module,
-                model_id: str) -> None:
+def _check_fits(run: RunFolder, layer: int, tokens: torch.Tensor, blocks: nn.ModuleList,
+                model: nn.Module, model_id: str) -> None:
     """One line, before any forward, when the model has no block ``layer`` or fewer embedding
     rows than the held-out tokens (N, ctx) need (an IndexError deep in torch otherwise)."""
     if layer >= len(blocks):

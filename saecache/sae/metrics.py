@@ -128,6 +128,8 @@ class RunningMetrics:
     per-batch fvus.
     """
 
+    _SUMS = ("_sq_err", "_sum_x", "_sum_sq_x", "_nonzero")  # float64 tensors on the device, or None
+
     def __init__(self):
         self.reset()
 
@@ -163,8 +165,6 @@ class RunningMetrics:
         fvu_ = sq_err / den if den > 0 else nan
         l0_ = self._nonzero.item() / self._acts_rows if self._acts_rows else nan
         return MetricsSummary(n, sq_err / (n * d), fvu_, 1.0 - fvu_, l0_)
-
-    _SUMS = ("_sq_err", "_sum_x", "_sum_sq_x", "_nonzero")
 
     def state_dict(self) -> dict:
         """The sums so far (CPU tensors, weights_only-loadable): a run resumed between two

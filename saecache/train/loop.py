@@ -61,9 +61,9 @@ def _check_cache(cache: Cache, cfg: TrainConfig) -> None:
                             f"(it holds layers {', '.join(map(str, cache.layout.layers))})")
 
 
-def _check_layer(cfg: TrainConfig, cache: Cache, layer: int) -> Plan:
-    """The pass over ``layer``; one line if --tokens is more than it holds or a sparsity does
-    not fit the SAE's width (--k above F)."""
+def _check_layer(cfg: TrainConfig, cache: Cache, layer: int) -> None:
+    """One line if --tokens is more than ``layer`` holds or a sparsity does not fit the SAE's
+    width (--k above F)."""
     plan = Plan(cache.layout, layer, cfg.reader)
     if cfg.steps > plan.n_batches:
         raise SaecacheError(
@@ -75,7 +75,6 @@ def _check_layer(cfg: TrainConfig, cache: Cache, layer: int) -> Plan:
         cfg.run_specs(layer, cache.layout.d)
     except ValueError as err:
         raise SaecacheError(str(err)) from None
-    return plan
 
 
 def run_identity(cache: Cache, layer: int) -> dict:
