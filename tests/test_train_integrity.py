@@ -23,7 +23,7 @@ import saecache.core.atomic as atomic
 import saecache.train.sister as sister
 from saecache.cli import cli
 from saecache.demo.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model
-from saecache.sae.metrics import RunningMetrics
+from saecache.sae.metrics import FiringStats, RunningMetrics
 from saecache.storage.cache import Cache
 from saecache.train.config import ReaderConfig, TrainConfig
 from saecache.train.reader import heldout_seqs
@@ -121,7 +121,9 @@ TRAIN_PROBES = [
     (["--l1", "anthropic:inf"], 2, ["--l1 'anthropic:inf' is not a finite coefficient"]),
     (["--l1", "nan"], 2, ["--l1 'nan'"]),
     (["--expansion", "0"], 2, ["--expansion", "0 is not in the range x>=1"]),
-    (["--expansion", "100000000000"], 1, ["does not fit in cpu memory", "lower --expansion"]),
+    (["--expansion", "100000000000"], 1, ["SAE(s) of F = 6,400,000,000,000 features", "lower --expansion"]),
+    (["--expansion", str(10**30)], 1, ["need", "GiB with their optimiser state", "lower --expansion"]),
+    (["--mix-chunks", str(10**12)], 1, ["--mix-chunks 1000000000000 needs", "lower --mix-chunks"]),
     (["--arch", "topk", "--k", "8", "--aux-k", "0"], 2, ["--aux-k", "x>=1"]),
     (["--aux-coeff", "nan"], 2, ["--aux-coeff must be a finite number"]),
     (["--dead-window", "0"], 2, ["--dead-window must be at least 1, not 0"]),
@@ -277,6 +279,23 @@ def test_torch_save_on_a_full_disk_is_the_disk_error_naming_the_file(tmp_path, m
 
 
 # ---- 3. the metrics window in the checkpoint -------------------------------------------------
+
+
+def test_a_dead_window_beyond_int64_counts_nothing_dead():
+    firing = FiringStats(4)
+    firing.update(torch.zeros(8, 4))
+    assert not firing.dead_mask(10**22).any() and firing.dead_mask(8).all()
+
+
+def test_an_sae_too_large_for_memory_is_one_line_and_writes_nothing(train_cache, tmp_path, monkeypatch):
+    """Where the estimate lets it through, the allocator's own failure is caught too."""
+    import saecache.train.loop as loop
+
+    monkeypatch.setattr(loop, "_memory", lambda device: None)
+    out = tmp_path / "runs"
+    result = run_cli(*train_args(train_cache, out, "--expansion", 10**11))
+    assert_one_line_error(result, "does not fit in cpu memory", "lower --expansion")
+    assert not out.exists()
 
 
 def test_running_metrics_resumed_from_their_state_sum_as_if_never_stopped():

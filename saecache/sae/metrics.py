@@ -67,7 +67,8 @@ class FiringStats:
         """
         if window_tokens < 1:
             raise ValueError(f"window_tokens must be at least 1, got {window_tokens}")
-        return self.tokens_since_fired >= window_tokens
+        # a window beyond int64 is one no clock reaches (and would overflow the comparison)
+        return self.tokens_since_fired >= min(window_tokens, torch.iinfo(torch.int64).max)
 
     def dead_fraction(self, window_tokens: int) -> float:
         """Fraction of features in :meth:`dead_mask` (0.0 until `window_tokens` tokens are seen)."""

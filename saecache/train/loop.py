@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import replace
 
@@ -23,6 +24,7 @@ from saecache.core.errors import SaecacheError
 from saecache.core.progress import Progress
 from saecache.core.units import format_count
 from saecache.storage.cache import Cache
+from saecache.storage.layout import CacheLayout
 from saecache.train.config import TrainConfig
 from saecache.train.reader import Plan, PrefetchReader, read_heldout
 from saecache.train.runfolder import RunFolder, RunRecord
@@ -72,9 +74,44 @@ def _check_layer(cfg: TrainConfig, cache: Cache, layer: int) -> None:
             "out): lower --tokens or harvest more"
         )
     try:
-        cfg.run_specs(layer, cache.layout.d)
+        runs = len(cfg.run_specs(layer, cache.layout.d))
     except ValueError as err:
         raise SaecacheError(str(err)) from None
+    _check_memory(cfg, cache.layout, runs)
+
+
+def _check_memory(cfg: TrainConfig, lay: CacheLayout, runs: int) -> None:
+    """One line when what cannot fit at all is asked for: the reader's host buffers
+    (train.reader.StagingRing: prefetch_groups + 1 groups of --mix-chunks fp16 chunks), or the
+    SAEs with their gradients and Adam moments (4 × (2·F·d + F + d) float32 each)."""
+    reader, d, n_features = cfg.reader, lay.d, cfg.expansion * lay.d
+    chunk = lay.rows_per_block * d * 2
+    buffers = (reader.prefetch_groups + 1) * reader.mix_chunks * chunk
+    host = _memory("cpu")
+    if host is not None and buffers > host:
+        raise SaecacheError(
+            f"--mix-chunks {reader.mix_chunks} needs {buffers / 2**30:,.1f} GiB of reading buffers "
+            f"({reader.prefetch_groups + 1} groups × {reader.mix_chunks} chunks of "
+            f"{chunk / 2**20:,.1f} MiB), more than this machine's {host / 2**30:,.1f} GiB: lower "
+            "--mix-chunks")
+    saes = runs * 4 * (2 * n_features * d + n_features + d) * 4
+    device = _memory(cfg.device)
+    if device is not None and saes > device:
+        raise SaecacheError(
+            f"{runs} SAE(s) of F = {n_features:,} features × d = {d} (--expansion {cfg.expansion}) "
+            f"need {saes / 2**30:,.1f} GiB with their optimiser state, more than the "
+            f"{device / 2**30:,.1f} GiB of {cfg.device}: lower --expansion")
+
+
+def _memory(device: str) -> int | None:
+    """Bytes of memory of a CPU or CUDA device (None: unknown)."""
+    kind = torch.device(device).type
+    try:
+        if kind == "cuda":
+            return torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if kind == "cpu" else None
+    except (AttributeError, OSError, ValueError, RuntimeError):
+        return None
 
 
 def run_identity(cache: Cache, layer: int) -> dict:
