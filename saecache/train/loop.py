@@ -137,7 +137,7 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
                for spec in cfg.run_specs(layer, d)]
     runs = [SisterRun.open(RunFolder.of(cfg.out, r.spec), r, cfg, d, mean) for r in records]
     start = SisterRun.common_step(runs)
-    bytes_read = [run.resume(start) for run in runs][0]
+    bytes_read = [run.resume(start) for run in runs][0]  # each saved the same reader count
     if start >= cfg.steps:
         return runs
     heldout = read_heldout(cache, layer, cfg.reader, cfg.heldout_rows)  # (H, d) fp16
