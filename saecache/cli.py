@@ -6,13 +6,17 @@ default, the range and the help text of `--tokens` exist once, in TrainConfig or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 
 import click
 
 from saecache import __version__
+from saecache.core.atomic import write_failure
 from saecache.core.devices import check_device
 from saecache.core.errors import SaecacheError
 from saecache.core.options import build, config_options
@@ -25,13 +29,39 @@ from saecache.storage.verify import VERIFY_THREADS
 from saecache.train.config import ReaderConfig, TrainConfig
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that every ``finally`` (a harvest's
+    BlockWriter.abort, the reader's close, a temporary file's removal) runs as for Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM handled like SIGINT while a command runs (main thread only: signals go there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class OneLineErrors(click.Group):
-    """Every user error ends as one line on stderr and a non-zero exit, never a traceback."""
+    """Every user error ends as one line on stderr and a non-zero exit, never a traceback.
+
+    Ctrl-C and SIGTERM end with the resume hint and the shell's exit codes, 130 and 143 (128 +
+    the signal), after every cleanup has run."""
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
         try:
-            result = super().main(args, prog_name, standalone_mode=False, **extra)
+            with _sigterm_as_interrupt():
+                result = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.exceptions.Exit as done:
             sys.exit(done.exit_code)
         except click.ClickException as err:
@@ -40,9 +70,16 @@ class OneLineErrors(click.Group):
         except SaecacheError as err:
             click.echo(f"saecache: error: {err}", err=True)
             sys.exit(1)
-        except (click.exceptions.Abort, KeyboardInterrupt):
+        except (click.exceptions.Abort, KeyboardInterrupt) as err:
             click.echo("saecache: interrupted; re-run the same command to resume", err=True)
-            sys.exit(130)
+            terminated = isinstance(err, Terminated) or isinstance(err.__context__, Terminated)
+            sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))  # click makes Abort of it
+        except OSError as err:  # the net behind the stages' own messages: a disk, not a bug
+            failure = write_failure(err)
+            if failure is None:
+                raise
+            click.echo(f"saecache: error: {failure}", err=True)
+            sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -187,7 +224,8 @@ def verify(cache, threads, storage_option):
 @config_options(ReaderConfig, "batch_size", prefix="reader_")
 @config_options(TrainConfig, "lr", "lr_warmup", "lr_decay", "l1_warmup", "l0_ramp", "grad_clip")
 @config_options(ReaderConfig, "seed", prefix="reader_")
-@config_options(TrainConfig, "device", "precision", "dead_window", "log_every", "checkpoint_every")
+@config_options(TrainConfig, "device", "precision", "dead_window", "aux_k", "aux_coeff", "log_every",
+                "checkpoint_every", "heldout_rows")
 @config_options(ReaderConfig, "mix_chunks", "threads", prefix="reader_")
 @config_options(TrainConfig, "progress")
 @storage_option

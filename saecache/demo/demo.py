@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saecache.core.atomic import check_folder
 from saecache.harvest.corpus import DatasetSpec
 from saecache.evaluate.runs import EvalConfig, evaluate_runs
 from saecache.harvest.config import HarvestConfig
@@ -48,7 +49,7 @@ def demo_train_configs(out: Path, device: str) -> list[TrainConfig]:
 
 def run_demo(out: str | Path, device: str) -> str:
     """Run the demo pipeline into ``out``; returns the report to print."""
-    out = Path(out)
+    out = check_folder(out)
     cache = harvest(demo_harvest_config(out, device)).cache
     report = [format_info(describe(cache)), ""]
     for cfg in demo_train_configs(out, device):

@@ -73,6 +73,7 @@ def _evaluate_run(cfg: EvalConfig, run: RunFolder, record: RunRecord, snapshots:
                             f"{model.config.hidden_size}: pass the model its cache was harvested from")
     tokens = _heldout_tokens(cfg, record).to(cfg.device)
     _, blocks = find_blocks(model, model.config.num_hidden_layers)
+    _check_fits(run, layer, tokens, blocks, model, model_id)
     data = {"snapshots": run.eval_results(), "model": model_id}
     for snapshot in snapshots:
         state = torch.load(snapshot.path, map_location="cpu", weights_only=True)
@@ -82,6 +83,22 @@ def _evaluate_run(cfg: EvalConfig, run: RunFolder, record: RunRecord, snapshots:
                                                  **result._asdict()}
     write_json(run.eval, data)
     return data
+
+
+def _check_fits(run: RunFolder, layer: int, tokens: torch.Tensor, blocks: nn.ModuleList,
+                model: nn.Module, model_id: str) -> None:
+    """One line, before any forward, when the model has no block ``layer`` or fewer embedding
+    rows than the held-out tokens (N, ctx) need (an IndexError deep in torch otherwise)."""
+    if layer >= len(blocks):
+        n = len(blocks)
+        raise SaecacheError(f"run {run.dir} is of layer {layer}, but {model_id} has {n} "
+                            f"block{'s' if n != 1 else ''}: pass the model its cache was harvested from")
+    vocab = model.get_input_embeddings().num_embeddings
+    largest = int(tokens.max()) if tokens.numel() else -1
+    if largest >= vocab:
+        raise SaecacheError(f"the held-out tokens of run {run.dir} go up to id {largest}, but "
+                            f"{model_id} has a vocabulary of {vocab}: pass the model its cache "
+                            "was harvested from")
 
 
 def _cache_of(cfg: EvalConfig, record: RunRecord) -> Cache:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from saecache.core.atomic import check_folder
 from saecache.core.errors import SaecacheError
 from saecache.export.card import write_model_card
 from saecache.export.layout import (CARD, CARD_MARKER, HOOK_FOLDER, SAELENS_CFG, SAELENS_WEIGHTS,
@@ -44,10 +45,9 @@ def publish(out: Path, fmt: str, files: list[ExportedFile], repo_id: str | None,
 
 def _check_out(out: Path) -> None:
     """Refuse an ``out`` that holds anything but a previous saecache export."""
+    check_folder(out)
     if not out.exists():
         return
-    if not out.is_dir():
-        raise SaecacheError(f"--out {out} is a file: give a folder")
     entries = sorted(p.name for p in out.iterdir())
     if entries and not is_export(out):
         shown = ", ".join(entries[:3]) + (", …" if len(entries) > 3 else "")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from saecache.core.atomic import atomic_write
+from saecache.core.atomic import atomic_write, check_folder
 from saecache.report.curves import plot_curves
 from saecache.report.document import Section, Table, render_html, render_markdown
 from saecache.report.floor import plot_floor_summary, plot_loss_floor
@@ -36,7 +36,7 @@ def write_report(runs_dir: str | Path, out: str | Path, *, metric: str = DEFAULT
     ``metric``, ``skip`` and ``cutoff`` choose the loss-floor fit (see FitOptions).
     Returns the path of index.html.
     """
-    runs_dir, out = Path(runs_dir), Path(out)
+    runs_dir, out = Path(runs_dir), check_folder(out)
     options = FitOptions(metric=metric, cutoff=cutoff, skip=skip)
     runs = [load_run(folder, options) for folder in find_runs(runs_dir)]
     out.mkdir(parents=True, exist_ok=True)

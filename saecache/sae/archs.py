@@ -112,8 +112,11 @@ class Architecture:
         """Re-impose weight constraints (and update running state, from this step's ``out``)
         after the optimiser step."""
 
-    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...], d: int) -> list[dict[str, Any]]:
-        """The sparsity settings (RunSpec fields) of one run each, from --l1 and --k, at width d."""
+    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...], d: int,
+                   n_features: int | None = None) -> list[dict[str, Any]]:
+        """The sparsity settings (RunSpec fields) of one run each, from --l1 and --k, at width d
+        with n_features features (None: not known yet, so not checked against them); a
+        ValueError names the option that does not fit."""
         raise NotImplementedError
 
     def run_label(self, spec) -> str:
@@ -170,7 +173,8 @@ class ReLU(Architecture):
     def loss(self, sae: SAE, x: Tensor, out: ForwardOutput, terms: LossTerms) -> LossOutput:
         return relu_l1_loss(sae, x, out, l1_units.loss_coefficient(terms.l1, sae.cfg.d))
 
-    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...], d: int) -> list[dict[str, Any]]:
+    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...], d: int,
+                   n_features: int | None = None) -> list[dict[str, Any]]:
         if k:
             raise ValueError(f"--k is for --arch {_k_archs()}; --arch {self.name} takes --l1")
         return [dict(zip(("l1", "target_l0"), parse_l1(value, d, self.from_anthropic))) for value in l1]
@@ -227,9 +231,15 @@ class TopK(Architecture):
     def after_step(self, sae: SAE, out: ForwardOutput) -> None:
         sae.normalize_decoder_()
 
-    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...], d: int) -> list[dict[str, Any]]:
+    def sparsities(self, l1: tuple[str, ...], k: tuple[int, ...], d: int,
+                   n_features: int | None = None) -> list[dict[str, Any]]:
         if not k:
             raise ValueError(f"--arch {self.name} needs at least one --k")
+        too_many = [value for value in k if n_features is not None and value > n_features]
+        if too_many:
+            raise ValueError(f"--k {too_many[0]} is more than the SAE's {n_features} features "
+                             f"(--expansion × d = {n_features // d} × {d}): use --k {n_features} "
+                             "or less, or a larger --expansion")
         return [{"k": value} for value in k]
 
     def run_label(self, spec) -> str:

@@ -67,7 +67,8 @@ class FiringStats:
         """
         if window_tokens < 1:
             raise ValueError(f"window_tokens must be at least 1, got {window_tokens}")
-        return self.tokens_since_fired >= window_tokens
+        # a window beyond int64 is one no clock reaches (and would overflow the comparison)
+        return self.tokens_since_fired >= min(window_tokens, torch.iinfo(torch.int64).max)
 
     def dead_fraction(self, window_tokens: int) -> float:
         """Fraction of features in :meth:`dead_mask` (0.0 until `window_tokens` tokens are seen)."""
@@ -128,6 +129,8 @@ class RunningMetrics:
     per-batch fvus.
     """
 
+    _SUMS = ("_sq_err", "_sum_x", "_sum_sq_x", "_nonzero")  # float64 tensors on the device, or None
+
     def __init__(self):
         self.reset()
 
@@ -163,3 +166,18 @@ class RunningMetrics:
         fvu_ = sq_err / den if den > 0 else nan
         l0_ = self._nonzero.item() / self._acts_rows if self._acts_rows else nan
         return MetricsSummary(n, sq_err / (n * d), fvu_, 1.0 - fvu_, l0_)
+
+    def state_dict(self) -> dict:
+        """The sums so far (CPU tensors, weights_only-loadable): a run resumed between two
+        metrics lines writes the next line as if it had never stopped."""
+        sums = {name: getattr(self, name) for name in self._SUMS if getattr(self, name) is not None}
+        return {"tokens": self.tokens, "acts_rows": self._acts_rows,
+                **{name: value.cpu().clone() for name, value in sums.items()}}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Restore a :meth:`state_dict`, its sums on ``device``."""
+        self.reset()
+        self.tokens, self._acts_rows = int(state["tokens"]), int(state["acts_rows"])
+        for name in self._SUMS:
+            if name in state:
+                setattr(self, name, state[name].to(device).clone())

@@ -23,7 +23,7 @@ class ReaderConfig:
 
     batch_size: int = setting(4096, min=1)
     """Tokens per step."""
-    seed: int = setting(0, min=0)
+    seed: int = setting(0, min=0, max=2**32 - 1)
     """Seeds the initialisation and batch order."""
     mix_chunks: int = setting(8, min=1)
     """Chunks whose rows are shuffled together."""
@@ -89,8 +89,8 @@ class TrainConfig:
     """fp32, tf32 matmuls, or bf16 autocast."""
     dead_window: int = setting(10_000_000, min=1, count=True)
     """Tokens without firing after which a feature counts as dead."""
-    aux_k: int | None = setting(None, min=1)
-    """topk AuxK: dead features used to model the residual error (None: d // 2)."""
+    aux_k: int | None = setting(None, min=1, show="d // 2")
+    """topk AuxK: dead features used to model the residual error."""
     aux_coeff: float = setting(1 / 32, min=0)
     """topk AuxK loss weight."""
     log_every: int = setting(100, min=1, result=False)
@@ -111,7 +111,7 @@ class TrainConfig:
         self.layers = tuple(dict.fromkeys(self.layers))
         if self.snapshots is None:
             self.snapshots = tuple(s for s in SNAPSHOTS if s < self.tokens)
-        self.run_specs(0, d=1)  # ValueError for --l1 values, or --k missing for topk
+        self.run_specs(0, d=None)  # ValueError for --l1 values, or --k missing for topk
         if self.tokens < self.batch_size:
             raise ValueError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
         bad = [s for s in self.snapshots if not 0 < s < self.tokens]
@@ -132,9 +132,11 @@ class TrainConfig:
     def steps(self) -> int:
         return self.tokens // self.batch_size
 
-    def run_specs(self, layer: int, d: int) -> list[RunSpec]:
-        """One run per --l1 (relu) or --k (topk) value, for a layer of width d."""
-        sparsities = arch_of(self.arch).sparsities(self.l1, self.k, d)
+    def run_specs(self, layer: int, d: int | None) -> list[RunSpec]:
+        """One run per --l1 (relu) or --k (topk) value, for a layer of width d (None: not known
+        yet; the values are checked, but not against the SAE's width)."""
+        n_features = None if d is None else self.expansion * d
+        sparsities = arch_of(self.arch).sparsities(self.l1, self.k, d or 1, n_features)
         return [RunSpec(layer, self.arch, self.expansion, **s) for s in sparsities]
 
     def learning_rate(self, n_features: int) -> float:

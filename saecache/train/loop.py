@@ -12,16 +12,19 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import replace
 
 import torch
 
+from saecache.core.atomic import check_folder
 from saecache.core.distributed import ranks
 from saecache.core.errors import SaecacheError
 from saecache.core.progress import Progress
 from saecache.core.units import format_count
 from saecache.storage.cache import Cache
+from saecache.storage.layout import CacheLayout
 from saecache.train.config import TrainConfig
 from saecache.train.reader import Plan, PrefetchReader, read_heldout
 from saecache.train.runfolder import RunFolder, RunRecord
@@ -36,8 +39,11 @@ def train(cfg: TrainConfig) -> list[SisterRun]:
     """
     group = ranks()
     cfg = replace(cfg, device=group.device(cfg.device))
+    check_folder(cfg.out)
     cache = Cache.open(cfg.cache, storage_options=cfg.storage_options)
     _check_cache(cache, cfg)
+    for layer in cfg.layers:  # what needs the cache's d and size, before any run folder is made
+        _check_layer(cfg, cache, layer)
     _set_precision(cfg.precision)
     finished = []
     for layer in group.mine(list(cfg.layers)):
@@ -57,6 +63,57 @@ def _check_cache(cache: Cache, cfg: TrainConfig) -> None:
                             f"(it holds layers {', '.join(map(str, cache.layout.layers))})")
 
 
+def _check_layer(cfg: TrainConfig, cache: Cache, layer: int) -> None:
+    """One line if --tokens is more than ``layer`` holds or a sparsity does not fit the SAE's
+    width (--k above F)."""
+    plan = Plan(cache.layout, layer, cfg.reader)
+    if cfg.steps > plan.n_batches:
+        raise SaecacheError(
+            f"--tokens {format_count(cfg.tokens)} is more than the {format_count(plan.n_tokens)} "
+            f"training tokens layer {layer} of {cache.location} holds (its last blocks are held "
+            "out): lower --tokens or harvest more"
+        )
+    try:
+        runs = len(cfg.run_specs(layer, cache.layout.d))
+    except ValueError as err:
+        raise SaecacheError(str(err)) from None
+    _check_memory(cfg, cache.layout, runs)
+
+
+def _check_memory(cfg: TrainConfig, lay: CacheLayout, runs: int) -> None:
+    """One line when what cannot fit at all is asked for: the reader's host buffers
+    (train.reader.StagingRing: prefetch_groups + 1 groups of --mix-chunks fp16 chunks), or the
+    SAEs with their gradients and Adam moments (4 × (2·F·d + F + d) float32 each)."""
+    reader, d, n_features = cfg.reader, lay.d, cfg.expansion * lay.d
+    chunk = lay.rows_per_block * d * 2
+    buffers = (reader.prefetch_groups + 1) * reader.mix_chunks * chunk
+    host = _memory("cpu")
+    if host is not None and buffers > host:
+        raise SaecacheError(
+            f"--mix-chunks {reader.mix_chunks} needs {buffers / 2**30:,.1f} GiB of reading buffers "
+            f"({reader.prefetch_groups + 1} groups × {reader.mix_chunks} chunks of "
+            f"{chunk / 2**20:,.1f} MiB), more than this machine's {host / 2**30:,.1f} GiB: lower "
+            "--mix-chunks")
+    saes = runs * 4 * (2 * n_features * d + n_features + d) * 4
+    device = _memory(cfg.device)
+    if device is not None and saes > device:
+        raise SaecacheError(
+            f"{runs} SAE(s) of F = {n_features:,} features × d = {d} (--expansion {cfg.expansion}) "
+            f"need {saes / 2**30:,.1f} GiB with their optimiser state, more than the "
+            f"{device / 2**30:,.1f} GiB of {cfg.device}: lower --expansion")
+
+
+def _memory(device: str) -> int | None:
+    """Bytes of memory of a CPU or CUDA device (None: unknown)."""
+    kind = torch.device(device).type
+    try:
+        if kind == "cuda":
+            return torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if kind == "cpu" else None
+    except (AttributeError, OSError, ValueError, RuntimeError):
+        return None
+
+
 def run_identity(cache: Cache, layer: int) -> dict:
     """What a run records of its cache: the provenance identity, the layout, the layer."""
     lay = cache.layout
@@ -72,13 +129,7 @@ def _set_precision(precision: str) -> None:
 
 def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
     """Train all runs of one layer from one read pass of its residuals."""
-    plan = Plan(cache.layout, layer, cfg.reader)
-    if cfg.steps > plan.n_batches:
-        raise SaecacheError(
-            f"--tokens {format_count(cfg.tokens)} is more than the {format_count(plan.n_tokens)} "
-            f"training tokens layer {layer} of {cache.location} holds (its last blocks are held "
-            "out): lower --tokens or harvest more"
-        )
+    _check_layer(cfg, cache, layer)
     stats, d = cache.layer_stats(layer), cache.layout.d
     scale = math.sqrt(d) / stats.mean_norm  # E‖x·scale‖ = √d
     mean = torch.from_numpy(stats.mean * scale).float()  # (d,) where b_dec starts
@@ -86,25 +137,24 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
                for spec in cfg.run_specs(layer, d)]
     runs = [SisterRun.open(RunFolder.of(cfg.out, r.spec), r, cfg, d, mean) for r in records]
     start = SisterRun.common_step(runs)
-    for run in runs:
-        run.resume(start)
+    bytes_read = [run.resume(start) for run in runs][0]  # each saved the same reader count
     if start >= cfg.steps:
         return runs
     heldout = read_heldout(cache, layer, cfg.reader, cfg.heldout_rows)  # (H, d) fp16
     heldout = heldout.to(cfg.device).float() * scale
     with PrefetchReader(cache, layer, cfg.reader, cfg.device) as reader:
-        _loop(cfg, runs, reader, heldout, start, scale)
+        _loop(cfg, runs, _Window(reader, start, bytes_read), heldout, start, scale)
     return runs
 
 
-def _loop(cfg: TrainConfig, runs: list[SisterRun], reader, heldout, start: int, scale: float) -> None:
+def _loop(cfg: TrainConfig, runs: list[SisterRun], window: _Window, heldout, start: int,
+          scale: float) -> None:
     progress = Progress(cfg.tokens, f"layer {runs[0].spec.layer}", cfg.progress)
     progress.update(start * cfg.batch_size)
     snapshot_steps = {-(-s // cfg.batch_size) - 1: s for s in cfg.snapshots}  # step reaching s
     every = max(1, cfg.checkpoint_every // cfg.batch_size)
-    window = _Window(reader, start)
     try:
-        batches = reader.iter(start)
+        batches = window.reader.iter(start)
         for step in range(start, cfg.steps):
             x = next(batches).float() * scale  # (B, d) on the device, E‖x‖ = √d
             for run in runs:  # every sister run trains on this same batch
@@ -119,26 +169,35 @@ def _loop(cfg: TrainConfig, runs: list[SisterRun], reader, heldout, start: int, 
                     run.save_snapshot(step, None if last else snapshot_steps[step], heldout)
             if step in snapshot_steps or last or (step + 1) % every == 0:
                 for run in runs:
-                    run.checkpoint(step + 1)
+                    run.checkpoint(step + 1, window.bytes_read)
             progress.update(cfg.batch_size)
     finally:
         progress.close()
 
 
 class _Window:
-    """Throughput and data-wait fraction since the last metrics line."""
+    """Throughput and data-wait fraction since the last metrics line, and the bytes read.
 
-    def __init__(self, reader, step: int):
-        self.reader = reader
+    All three are measurements of this process, not results: tokens/s and the wait are
+    wall-clock, and bytes_read counts what the reader's threads have read, read-ahead
+    included (it continues from the checkpoint a run resumed from, plus the chunks re-read)."""
+
+    def __init__(self, reader, step: int, bytes_before: int = 0):
+        self.reader, self.bytes_before = reader, bytes_before
         self._reset(step)
 
     def _reset(self, step: int) -> None:
         self.step, self.time, self.wait = step, time.perf_counter(), self.reader.wait_seconds
 
+    @property
+    def bytes_read(self) -> int:
+        """Stored bytes of the chunks read by the run so far, over every process of it."""
+        return self.bytes_before + self.reader.bytes_read
+
     def take(self, step: int, batch_size: int) -> dict:
         seconds = max(time.perf_counter() - self.time, 1e-9)
         out = {"tokens_per_s": (step - self.step) * batch_size / seconds,
                "data_wait_fraction": (self.reader.wait_seconds - self.wait) / seconds,
-               "bytes_read": self.reader.bytes_read}
+               "bytes_read": self.bytes_read}
         self._reset(step)
         return out

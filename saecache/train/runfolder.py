@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from saecache.core.atomic import read_json, read_jsonl, write_json
+from saecache.core.atomic import read_json, read_jsonl, temporary_target, write_json
 from saecache.core.errors import SaecacheError
 from saecache.core.units import format_count, parse_count
 from saecache.sae.archs import arch_of
@@ -26,6 +26,7 @@ from saecache.sae.spec import RunSpec
 RUN_FILE, METRICS_FILE, EVAL_FILE, CHECKPOINTS = "run.json", "metrics.jsonl", "eval.json", "checkpoints"
 FINAL = "final"
 _SNAPSHOT_FILE = re.compile(r"^sae_layer(\d{2,})_([0-9]+[KMBT]?|final)\.pt$")
+_CHECKPOINT_FILE = re.compile(r"^step\d{9}\.pt$")
 
 
 def snapshot_name(layer: int, tokens: int | None) -> str:
@@ -231,7 +232,29 @@ class RunFolder:
         """Steps with a complete checkpoint, ascending."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(int(p.stem[4:]) for p in self.checkpoints.glob("step*.pt"))
+        return sorted(int(p.stem[4:]) for p in self.checkpoints.iterdir() if _CHECKPOINT_FILE.match(p.name))
+
+    # ---- what a killed run leaves ------------------------------------------------------------
+
+    def remove_temporaries(self) -> list[Path]:
+        """Remove the temporaries (core.atomic) of the run's own files that a killed process
+        left: ``.run.json.XXXXXXXX``, ``.sae_layer01_100K.pt.XXXXXXXX``, ``checkpoints/.step….pt.…``
+        (a snapshot's is as large as the snapshot). Nothing else is touched; returns them."""
+        own = {RUN_FILE, METRICS_FILE, EVAL_FILE}
+        found = [p for p in _files(self.dir) if _is_own(temporary_target(p.name), own, _SNAPSHOT_FILE)]
+        found += [p for p in _files(self.checkpoints)
+                  if _is_own(temporary_target(p.name), set(), _CHECKPOINT_FILE)]
+        for path in found:
+            path.unlink(missing_ok=True)
+        return found
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+
+
+def _is_own(target: str | None, names: set[str], pattern: re.Pattern) -> bool:
+    return target is not None and (target in names or pattern.match(target) is not None)
 
 
 def find_runs(root: str | Path) -> list[RunFolder]:

@@ -1,17 +1,22 @@
 """One of the sister runs that a layer trains from one read pass: an SAETrainer and its RunFolder.
 
-It checks run.json before anything is written (a resumed run must match its record exactly),
-cuts metrics.jsonl back to the checkpoint it resumes from, and writes the metrics lines,
-snapshots and checkpoints (the latest two) into its folder, each atomically.
+It checks run.json and builds the trainer before anything is written (a resumed run must match
+its record exactly), removes what a killed process left half-written, cuts metrics.jsonl back
+to the checkpoint it resumes from, and writes the metrics lines, snapshots and checkpoints (the
+latest two) into its folder, each atomically. A write that fails for want of space or
+permission is one line naming the file: everything up to the last checkpoint is intact, and
+the same command resumes once the disk is fixed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
 
 import torch
 
-from saecache.core.atomic import atomic_write, write_jsonl
+from saecache.core.atomic import atomic_write, write_failure, write_jsonl
 from saecache.core.errors import SaecacheError
 from saecache.sae.spec import RunSpec
 from saecache.train.config import TrainConfig
@@ -33,7 +38,9 @@ class SisterRun:
     @classmethod
     def open(cls, folder: RunFolder, record: RunRecord, cfg: TrainConfig, d: int,
              mean: torch.Tensor | None = None) -> SisterRun:
-        """A new run, or an existing one whose record matches; refuses others."""
+        """A new run, or an existing one whose record matches (its temporaries removed);
+        refuses others. A new run's folder is written by :meth:`resume`, once every sister
+        run has been checked and built."""
         if folder.is_run:
             saved = folder.record()
             if saved.train.get("conventions") != record.train["conventions"]:
@@ -45,9 +52,11 @@ class SisterRun:
             if diff:
                 raise SaecacheError(f"run {folder.dir} exists with other settings ({diff}): use the "
                                     "same settings to resume, or another --out")
-        else:
-            folder.write_record(record)
-        return cls(folder, record, cfg, d, mean)
+        run = _built(cls, folder, record, cfg, d, mean)
+        if folder.dir.is_dir():  # a kill may have left .run.json.XXXXXXXX before run.json
+            with run._writing(folder.dir):
+                folder.remove_temporaries()
+        return run
 
     @staticmethod
     def common_step(runs: list[SisterRun]) -> int:
@@ -55,16 +64,21 @@ class SisterRun:
         common = set.intersection(*(set(run.folder.checkpoint_steps()) for run in runs))
         return max(common, default=0)
 
-    def resume(self, step: int) -> None:
-        """Load the checkpoint of ``step`` and cut the metrics log back to it."""
+    def resume(self, step: int) -> int:
+        """Write run.json of a new run; or load the checkpoint of ``step`` and cut the metrics
+        log back to it. Returns the reader's byte count saved with the checkpoint (0: none)."""
+        folder, state = self.folder, {}
+        if not folder.is_run:
+            with self._writing(folder.config):
+                folder.write_record(self.record)
         if step:
-            state = torch.load(self.folder.checkpoint(step), map_location=self.cfg.device,
-                               weights_only=True)
+            state = torch.load(folder.checkpoint(step), map_location=self.cfg.device, weights_only=True)
             self.trainer.load_state_dict(state)
-        if self.folder.metrics.exists():
+        if folder.metrics.exists():
             tokens = step * self.cfg.batch_size
-            write_jsonl(self.folder.metrics,
-                        [line for line in self.folder.metrics_lines() if line["tokens"] <= tokens])
+            with self._writing(folder.metrics):
+                write_jsonl(folder.metrics, [line for line in folder.metrics_lines() if line["tokens"] <= tokens])
+        return int(state.get("bytes_read", 0))
 
     def step(self, x: torch.Tensor, step: int) -> None:
         self.trainer.step(x, step)
@@ -76,9 +90,22 @@ class SisterRun:
         self._append(self.trainer.metrics_line(step, timing))
 
     def _append(self, line: dict) -> None:
-        self.folder.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.folder.metrics, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        with self._writing(self.folder.metrics):
+            self.folder.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.folder.metrics, "a") as f:  # a half-written last line is dropped on reading
+                f.write(json.dumps(line) + "\n")
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path):
+        """Turn a full disk or a read-only target while writing ``path`` into one line."""
+        try:
+            yield
+        except OSError as err:
+            failure = write_failure(err, err.filename or path, f"{self.folder.dir} is intact up to "
+                                    "its last checkpoint", "re-run the same command to resume")
+            if failure is None:
+                raise
+            raise failure from None
 
     @torch.no_grad()
     def save_snapshot(self, step: int, tokens: int | None, heldout: torch.Tensor) -> None:
@@ -89,7 +116,9 @@ class SisterRun:
             record.scale, tokens_seen=tokens_seen, input_scale=record.scale,
             model=record.model, dataset=record.cache["dataset"], ctx=record.cache["ctx"],
             run=self.spec.name)
-        atomic_write(self.folder.snapshot_path(self.spec.layer, tokens), lambda f: torch.save(state, f))
+        path = self.folder.snapshot_path(self.spec.layer, tokens)
+        with self._writing(path):
+            atomic_write(path, lambda f: torch.save(state, f))
         self._append({"step": step + 1, "tokens": tokens_seen, "split": "heldout",
                       "snapshot": snapshot_name(self.spec.layer, tokens),
                       **self.trainer.heldout_metrics(heldout)})
@@ -103,12 +132,29 @@ class SisterRun:
         return (f"{m['snapshot']}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, "
                 f"MSE {m['mse']:.4g} (normalised units)")
 
-    def checkpoint(self, step: int) -> None:
-        """Save everything needed to continue at ``step`` exactly; keep the latest two."""
-        state = {"step": step, **self.trainer.state_dict()}
-        atomic_write(self.folder.checkpoint(step), lambda f: torch.save(state, f))
-        for old in self.folder.checkpoint_steps()[:-KEEP_CHECKPOINTS]:
-            self.folder.checkpoint(old).unlink(missing_ok=True)
+    def checkpoint(self, step: int, bytes_read: int = 0) -> None:
+        """Save everything needed to continue at ``step`` exactly (and the reader's byte count
+        so far, for the metrics lines); keep the latest two."""
+        state = {"step": step, "bytes_read": bytes_read, **self.trainer.state_dict()}
+        path = self.folder.checkpoint(step)
+        with self._writing(path):
+            atomic_write(path, lambda f: torch.save(state, f))
+            for old in self.folder.checkpoint_steps()[:-KEEP_CHECKPOINTS]:
+                self.folder.checkpoint(old).unlink(missing_ok=True)
+
+
+def _built(cls: type[SisterRun], folder: RunFolder, record: RunRecord, cfg: TrainConfig, d: int,
+           mean: torch.Tensor | None) -> SisterRun:
+    """``cls(…)``; an SAE too large for the device's memory is one line."""
+    try:
+        return cls(folder, record, cfg, d, mean)
+    except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; a RuntimeError from the CPU allocator
+        if not (isinstance(err, torch.cuda.OutOfMemoryError) or "allocate memory" in str(err)):
+            raise
+        n_features = record.spec.expansion * d
+        raise SaecacheError(f"an SAE of F = {n_features:,} features × d = {d} (--expansion "
+                            f"{record.spec.expansion}) does not fit in {cfg.device} memory: lower "
+                            "--expansion") from None
 
 
 def _first_difference(saved: dict, requested: dict, prefix: str = "") -> str | None:

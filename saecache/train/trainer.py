@@ -130,10 +130,15 @@ class SAETrainer:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly (CPU and device tensors, weights_only-loadable)."""
         return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "controller": self.controller.state_dict(), "firing": self.firing.state_dict()}
+                "controller": self.controller.state_dict(), "firing": self.firing.state_dict(),
+                # the metrics line being accumulated: a checkpoint between two lines resumes it
+                "window": {"metrics": self.metrics.state_dict(), "losses": self._losses.cpu().clone()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.controller.load_state_dict(state["controller"])
         self.firing.load_state_dict(state["firing"])
+        if "window" in state:  # older checkpoints: the next line starts afresh
+            self.metrics.load_state_dict(state["window"]["metrics"], self._losses.device)
+            self._losses = state["window"]["losses"].to(self._losses.device, torch.float64).clone()
