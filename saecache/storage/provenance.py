@@ -109,6 +109,7 @@ class Provenance:
 
 
 def _short(fingerprint: str) -> str:
-    """``sha256:1a2b3c4d5e6f…``: enough of a digest to tell two apart in a message."""
+    """``sha256:1a2b3c4d5e6f…`` or a commit's ``1a2b3c4d5e6f…``: enough to tell two apart."""
     kind, _, digest = fingerprint.partition(":")
-    return f"{kind}:{digest[:12]}…" if len(digest) > 12 else fingerprint
+    short = f"{digest[:12]}…" if len(digest) > 12 else digest
+    return short if kind == "commit" else f"{kind}:{short}"
