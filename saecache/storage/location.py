@@ -13,6 +13,7 @@ loop, the same way zarr's synchronous ``Array`` does.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine
@@ -158,13 +159,16 @@ class LocalFolder(Location):
             with lock.shared():
                 yield
             return
-        created = not self.path.exists()
+        made = _missing_folders(self.path)
         try:
             with lock.exclusive():
                 yield
         finally:
-            if created and not self.exists():  # a refused new cache leaves no empty folder
-                shutil.rmtree(self.path, ignore_errors=True)
+            if made and not self.exists():  # a refused new cache leaves no empty folders
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+                for folder in made:
+                    with contextlib.suppress(OSError):  # another process put something there
+                        folder.rmdir()
 
     def clean_partials(self) -> int:
         """zarr's local store writes ``KEY.<uuid>.partial`` and renames it to ``KEY``; a kill
@@ -236,3 +240,13 @@ async def _first_keys(store: Store, n: int) -> list[str]:
         if len(keys) >= n:
             break
     return keys
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing

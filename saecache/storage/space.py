@@ -32,14 +32,15 @@ def bytes_to_write(layout: CacheLayout, token_budget: int, committed: np.ndarray
     if committed is None:
         lay = replace(layout, n_seq=token_budget // layout.ctx)
         tokens = lay.n_seq * (lay.ctx * 4 + 2 * 8) + 2 * lay.n_blocks * CRC_BYTES
-        pending = range(lay.n_blocks)
+        pending, seqs = lay.n_blocks, lay.n_seq
     else:
         lay, tokens = layout, 0
-        pending = np.flatnonzero(~committed)
+        pending = int((~committed).sum())
+        short = lay.n_blocks * lay.seqs_per_block - lay.n_seq  # the last block may be shorter
+        seqs = pending * lay.seqs_per_block - (short if lay.n_blocks and not committed[-1] else 0)
     n_layers = len(lay.layers)
     per_block = n_layers * stats.width(lay.d) * 8 + 1 + (n_layers + 2) * CRC_BYTES  # stats, flag
-    rows = sum(len(lay.block_seqs(int(b))) for b in pending) * lay.ctx
-    return tokens + rows * lay.d * 2 * n_layers + len(pending) * per_block + METADATA_BYTES
+    return tokens + seqs * lay.ctx * lay.d * 2 * n_layers + pending * per_block + METADATA_BYTES
 
 
 def format_bytes(n: float) -> str:
