@@ -26,6 +26,7 @@ from saecache.cli import cli
 from saecache.core.lock import LOCK_NAME, Holder
 from saecache.demo.tiny import DEMO_TEXT
 from tests.conftest import tree_digest
+from tests.s3 import s3_fixture, s3_server_fixture  # noqa: F401
 from tests.test_cli import assert_one_line_error
 from tests.test_resume import commits
 
@@ -138,7 +139,7 @@ def test_a_lock_left_by_kill_9_is_taken_over_and_the_rerun_is_clean(tmp_path, ti
         assert CliRunner().invoke(cli, harvest_args(tiny_model, cache)).exit_code == 0
     assert f"took over the stale lock of pid {first.pid}" in caplog.text
     assert tree_digest(cache) == clean
-    assert (cache / LOCK_NAME).read_text() == ""  # released: names nobody
+    assert not (cache / LOCK_NAME).exists()  # released: the last holder deletes it
 
 
 def train_args(cache: Path, out: Path) -> list[str]:
@@ -156,15 +157,54 @@ def test_a_second_train_on_one_out_and_a_writer_are_refused_while_a_train_reads(
     run_lock = lambda: next(iter(out.glob(f"*/{LOCK_NAME}")), Path("/nonexistent"))
     wait_until(first, lambda: holder_pid(run_lock()) == first.pid)
     with paused(first):
+        run = run_lock().parent
         before = tree_digest(cache)
         second = subprocess.run(saecache(*train_args(cache, out)), capture_output=True, text=True)
         line = one_line(second)
-        assert f"run {run_lock().parent} is being written by pid {first.pid}" in line, line
+        assert f"run {run} is being written by pid {first.pid}" in line, line
         overwrite = CliRunner().invoke(cli, ["harvest", str(cache), "--model", str(tiny_model),
                                              "--dataset", str(DEMO_TEXT), "--ctx", "64", "--overwrite"])
         assert_one_line_error(overwrite, f"cache at {cache} is in use by a reader")
         assert tree_digest(cache) == before
     assert first.wait() == 0, first.stderr.read()
-    metrics = (run_lock().parent / "metrics.jsonl").read_text().splitlines()
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
     assert metrics and len(metrics) == len(set(metrics))  # every line once
     assert json.loads(metrics[-1])["snapshot"] == "sae_layer01_final.pt"
+
+
+# ---- object storage: a lease object ---------------------------------------------------------
+
+
+def test_a_lease_on_object_storage_refuses_a_second_writer_and_stale_ones_are_taken_over(s3, caplog):
+    from saecache.core.errors import SaecacheError
+    from saecache.storage.location import location_of
+    from zarr.core.sync import sync
+
+    from saecache.storage.lock import Lease
+
+    url = f"s3://{s3.make_bucket()}/cache.zarr"
+    where = location_of(url)
+    store = where.store(read_only=False)
+    lease_key = f"{store.path}/{LOCK_NAME}"
+    lease = lambda: json.loads(sync(store.fs._cat_file(lease_key)))  # the object, as JSON
+    with where.lock():
+        assert lease()["pid"] == os.getpid()
+        assert not where.exists()  # a lease alone is not a cache
+        for second in (where.lock(), where.lock(exclusive=False)):
+            with pytest.raises(SaecacheError, match=f"cache at {url} is being written by pid {os.getpid()}"):
+                with second:
+                    pass
+    assert not sync(store.fs._exists(lease_key))  # released
+    dead = {**Holder(host="elsewhere", pid=999999, started=time.time() - 7200, command="saecache harvest").to_json(),
+            "renewed": time.time() - 3600}
+    sync(store.fs._pipe_file(lease_key, json.dumps(dead).encode()))
+    with caplog.at_level(logging.WARNING, logger="saecache.storage.lock"), where.lock():
+        assert lease()["pid"] == os.getpid()
+    assert "took over the stale lease of pid 999999 on host elsewhere" in caplog.text
+    beat = Lease(store, url, expire_s=60, renew_s=0.05)  # the heartbeat renews a held lease
+    with beat.exclusive():
+        first = lease()["renewed"]
+        wait = time.monotonic() + 30
+        while lease()["renewed"] == first:
+            assert time.monotonic() < wait, "the lease was never renewed"
+            time.sleep(0.02)

@@ -5,12 +5,14 @@ it (host, pid, start time, command, as JSON); readers take ``LOCK_SH``, so any n
 read together while no writer runs. The kernel drops a flock when its process dies, however
 it dies, so a lock left by a ``kill -9`` is free at once: the next writer takes it and says in
 a log line whose stale lock it took over (the file still names the dead holder, because only a
-clean exit empties it). The file itself is never deleted while anyone may use it: deleting a
-flocked file would let a second process lock a new file of the same name.
+clean exit deletes it). The last holder deletes the file while it still holds it exclusively,
+and whoever locks a file checks that it is still the one at the path (else opens the new one),
+so a deleted file never lets two processes hold "the" lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -87,7 +89,8 @@ def refusal(what: str, holder: Holder | None, writing: bool) -> LockHeld:
 
 class FileLock:
     """The lock file at ``path``; ``what`` names the thing it guards in messages
-    (``cache at X``, ``run X``)."""
+    (``cache at X``, ``run X``). The file exists while someone holds the lock (or after its
+    holder was killed): the last one out deletes it."""
 
     def __init__(self, path: Path, what: str):
         self.path = Path(path)
@@ -97,34 +100,48 @@ class FileLock:
     def exclusive(self) -> Iterator[None]:
         """Hold the writer's lock for the ``with`` block; refuses in one line if anyone holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+") as f:
-            if not _try(f, fcntl.LOCK_EX):
-                raise self._why_busy(f)
+        f = self._acquire(fcntl.LOCK_EX, "a+")
+        try:
             f.seek(0)
             if stale := Holder.parse(f.read()):
                 log.warning("%s: took over the stale lock of %s, which no longer runs", self.what, stale)
             _rewrite(f, json.dumps(Holder.me().to_json()) + "\n")
-            try:
-                yield
-            finally:
-                _rewrite(f, "")  # a clean exit leaves an empty, unlocked file
-                fcntl.flock(f, fcntl.LOCK_UN)
+            yield
+        finally:
+            _release(f, self.path)
 
     @contextmanager
     def shared(self) -> Iterator[None]:
         """Hold a reader's lock for the ``with`` block; refused in one line while a writer holds
         the lock. Where the lock file cannot be opened (a read-only cache) it goes on without."""
-        f = _open_for_reading(self.path)
-        if f is None:
+        try:
+            f = self._acquire(fcntl.LOCK_SH, "a+")
+        except OSError:
+            f = None
+        if f is None and self.path.exists():  # read-only: lock the file that is there
+            with contextlib.suppress(OSError):
+                f = self._acquire(fcntl.LOCK_SH, "r")
+        try:
             yield
-            return
-        with f:
-            if not _try(f, fcntl.LOCK_SH):
-                raise refusal(self.what, _holder(f), writing=True)
+        finally:
+            if f is not None:
+                _release(f, self.path)
+
+    def _acquire(self, mode: int, how: str) -> IO[str]:
+        """The lock file opened and flocked; the refusal when someone holds a conflicting lock.
+        A file deleted by its last holder between our open and our flock is opened again."""
+        while True:
+            f = open(self.path, how)
             try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                if not _try(f, mode):
+                    raise self._why_busy(f) if mode == fcntl.LOCK_EX else \
+                        refusal(self.what, _holder(f), writing=True)
+                if _is_current(f, self.path):
+                    return f
+            except BaseException:
+                f.close()
+                raise
+            f.close()
 
     def _why_busy(self, f: IO[str]) -> LockHeld:
         """A writer holds the lock exclusively, or readers share it: the refusal for each."""
@@ -132,6 +149,25 @@ class FileLock:
         if readers:
             fcntl.flock(f, fcntl.LOCK_UN)
         return refusal(self.what, None if readers else _holder(f), writing=not readers)
+
+
+def _is_current(f: IO[str], path: Path) -> bool:
+    """Whether ``f`` is still the file at ``path`` (not one its last holder deleted)."""
+    try:
+        now, mine = os.stat(path), os.fstat(f.fileno())
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _release(f: IO[str], path: Path) -> None:
+    """Unlock; the last holder (the one that can take it exclusively) deletes the file first."""
+    try:
+        if _try(f, fcntl.LOCK_EX):  # a writer has it already; a reader only if it is the last
+            with contextlib.suppress(OSError):  # a read-only folder keeps its file
+                path.unlink()
+    finally:
+        f.close()  # closing drops the flock
 
 
 def _try(f: IO[str], mode: int) -> bool:
@@ -161,13 +197,3 @@ def _rewrite(f: IO[str], text: str) -> None:
         raise SaecacheError(f"cannot write the lock file {f.name}: {err.strerror}") from None
 
 
-def _open_for_reading(path: Path) -> IO[str] | None:
-    """The lock file opened for a shared lock (created if possible), or None where it cannot be."""
-    try:
-        return open(path, "a+")
-    except OSError:
-        pass
-    try:
-        return open(path)
-    except OSError:
-        return None

@@ -79,7 +79,8 @@ class Location(ABC):
 
     @abstractmethod
     def remove(self) -> None:
-        """Delete everything at this location but the lock (``--overwrite`` holds it)."""
+        """Delete everything at this location but a lock that names its holder (the
+        ``--overwrite`` that is removing holds it); an empty, released lock file goes too."""
 
     @abstractmethod
     def lock(self, exclusive: bool = True) -> AbstractContextManager[None]:
@@ -136,7 +137,7 @@ class LocalFolder(Location):
         for entry in self.path.iterdir():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
-            elif entry.name != LOCK_NAME:
+            elif entry.name != LOCK_NAME or not entry.stat().st_size:
                 entry.unlink()
 
     def check_removable(self) -> None:
@@ -209,7 +210,7 @@ class UrlLocation(Location):
 
         async def delete_all_but_the_lease() -> None:
             async for key in store.list_prefix(""):
-                if key != LOCK_NAME:
+                if key != LOCK_NAME or not await store.getsize(key):
                     await store.delete(key)
 
         run(delete_all_but_the_lease())
@@ -217,6 +218,7 @@ class UrlLocation(Location):
     def lock(self, exclusive: bool = True) -> AbstractContextManager[None]:
         from saecache.storage.lock import Lease  # it drives the store the same way
 
+        self.exists()  # the first request: a missing bucket or bad credentials are one line
         lease = Lease(self.store(read_only=False), f"cache at {self.text}")
         return lease.exclusive() if exclusive else lease.shared()
 
