@@ -208,3 +208,13 @@ def test_a_lease_on_object_storage_refuses_a_second_writer_and_stale_ones_are_ta
         while lease()["renewed"] == first:
             assert time.monotonic() < wait, "the lease was never renewed"
             time.sleep(0.02)
+
+
+def test_overwrite_through_a_symbolic_link_is_refused_touching_nothing(tmp_path, tiny_model, cache_path):
+    target = Path(shutil.copytree(cache_path, tmp_path / "real.zarr"))
+    link = tmp_path / "link.zarr"
+    link.symlink_to(target)
+    before = tree_digest(target)
+    result = CliRunner().invoke(cli, [*harvest_args(tiny_model, link), "--overwrite"])
+    assert_one_line_error(result, f"CACHE {link} is a symbolic link (to {target})", "--overwrite")
+    assert link.is_symlink() and tree_digest(target) == before and not (target / LOCK_NAME).exists()
