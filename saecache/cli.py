@@ -132,7 +132,7 @@ def cli(verbose: bool):
 @config_options(DatasetSpec, "id", "config", "split", "revision", "text_field", prefix="dataset_")
 @config_options(HarvestConfig, "tokens", "ctx", "layers", "batch_size", "device", "chunk_rows",
                 "compression", "writer_threads", "buffers", "allow_nonfinite", "overwrite",
-                "progress")
+                "no_space_check", "progress")
 @storage_option
 def harvest(cache, **values):
     """Tokenise DATASET and write every chosen layer's residuals into CACHE.
@@ -145,6 +145,10 @@ def harvest(cache, **values):
 
     cfg = _config(HarvestConfig, values, cache=cache)
     result = run_harvest(cfg)
+    if result.was_complete:
+        click.echo(f"cache at {cache} is already complete ({format_count(result.cache.layout.n_tokens)} "
+                   f"tokens × {len(result.cache.layout.layers)} layers): nothing to harvest", err=True)
+        return
     rate = result.tokens_harvested / result.seconds if result.seconds else 0.0
     click.echo(f"harvested {format_count(result.tokens_harvested)} tokens × "
                f"{len(result.cache.layout.layers)} layers in {result.seconds:.1f} s "
@@ -156,7 +160,7 @@ def harvest(cache, **values):
 @click.argument("activations", nargs=-1, metavar="[ACTIVATIONS]")
 @click.argument("cache")
 @config_options(ImportConfig, "ctx", "layer_files", "tokens_file", "chunk_rows", "compression",
-                "writer_threads", "buffers", "overwrite", "progress")
+                "writer_threads", "buffers", "overwrite", "no_space_check", "progress")
 @storage_option
 def import_(activations, cache, **values):
     """Write activations made elsewhere into CACHE, as harvest would.
@@ -205,9 +209,12 @@ def info(cache, as_json, storage_option):
 def verify(cache, threads, storage_option):
     """Read every chunk of CACHE, check its checksum and count non-finite values."""
     from saecache.storage.cache import Cache
+    from saecache.storage.location import location_of
     from saecache.storage.verify import verify as run_verify
 
-    report = run_verify(Cache.open(cache, storage_options=_storage_options(storage_option)), threads)
+    options = _storage_options(storage_option)
+    with location_of(cache, options).lock(exclusive=False):  # refused while a harvest writes
+        report = run_verify(Cache.open(cache, storage_options=options), threads)
     for problem in report.problems:
         click.echo(f"BAD {problem}", err=True)
     counts = ", ".join(f"layer {layer}: {n}" for layer, n in report.nonfinite.items() if n) or "none"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Weight fingerprints are kept per user (saecache.harvest.identity); tests keep theirs apart.
+os.environ.setdefault("SAECACHE_CACHE_DIR", tempfile.mkdtemp(prefix="saecache-test-cache-"))
 # torch's default (one thread per core, for every process) oversubscribes a busy machine;
 # subprocesses started by tests inherit these.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -52,9 +55,10 @@ def cache_path(tmp_path_factory, tiny_model) -> Path:
 
 
 def tree_digest(path: Path) -> str:
-    """sha256 over every file's relative name and bytes: equal digests, identical trees."""
+    """sha256 over every file's relative name and bytes: equal digests, identical trees (the
+    lock file, which names its last holder, aside)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name != "saecache.lock"):
         digest.update(str(file.relative_to(path)).encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()

@@ -112,9 +112,10 @@ def _cache_of(cfg: EvalConfig, record: RunRecord) -> Cache:
 def _heldout_tokens(cfg: EvalConfig, record: RunRecord) -> torch.Tensor:
     """(N, ctx) int64: the cache's held-out sequences, as the run left them out."""
     cache = _cache_of(cfg, record)
-    seqs = heldout_seqs(cache.layout, record.train["holdout_fraction"])
-    stop = seqs.stop if cfg.max_seqs is None else min(seqs.stop, seqs.start + cfg.max_seqs)
-    return torch.from_numpy(cache.tokens[seqs.start:stop]).long()  # the store refuses a missing chunk
+    with cache.where.lock(exclusive=False):  # refused while a harvest writes the cache
+        seqs = heldout_seqs(cache.layout, record.train["holdout_fraction"])
+        stop = seqs.stop if cfg.max_seqs is None else min(seqs.stop, seqs.start + cfg.max_seqs)
+        return torch.from_numpy(cache.tokens[seqs.start:stop]).long()  # the store refuses a missing chunk
 
 
 # ---- caches made by `saecache import` -------------------------------------------------------

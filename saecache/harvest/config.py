@@ -57,6 +57,8 @@ class HarvestConfig:
     """Store and count non-finite residuals instead of stopping."""
     overwrite: bool = False
     """Delete an existing cache at CACHE and start over."""
+    no_space_check: bool = setting(False, result=False)
+    """Start even when the disk at CACHE has less free space than the harvest will write."""
     storage_options: dict = field(default_factory=dict)
     """fsspec options for a URL cache."""
     progress: bool | None = None
@@ -79,3 +81,6 @@ class HarvestResult:
     """Residual bytes this invocation wrote (before codecs)."""
     seconds: float
     """Wall time of the forward-and-write loop."""
+    was_complete: bool = False
+    """The cache was complete already: its identity and commit record were checked, nothing
+    was written."""

@@ -38,6 +38,7 @@ from saecache.storage.cache import Cache
 from saecache.storage.layout import DEFAULT_CHUNK_ROWS, CacheLayout
 from saecache.storage.location import location_of
 from saecache.storage.provenance import Provenance
+from saecache.storage.space import bytes_to_write, check_space
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class ImportConfig:
     """Blocks in flight (memory = buffers × layers × rows/chunk × d × 2 bytes)."""
     overwrite: bool = False
     """Delete an existing cache at CACHE and start over."""
+    no_space_check: bool = setting(False, result=False)
+    """Start even when the disk at CACHE has less free space than the import will write."""
     storage_options: dict = field(default_factory=dict)
     """fsspec options for a URL cache."""
     progress: bool | None = None
@@ -132,7 +135,17 @@ def import_activations(cfg: ImportConfig) -> ImportResult:
     ids = open_tensor(cfg.tokens_file) if cfg.tokens_file else None
     layout = layout_of(cfg, files, ids)
     n_seq = files[layout.layers[0]].shape[0] // cfg.ctx
-    cache = _open_or_create(cfg, provenance_of(files, ids, n_seq * cfg.ctx), layout)
+    provenance = provenance_of(files, ids, n_seq * cfg.ctx)
+    where = location_of(cfg.cache, cfg.storage_options)
+    if cfg.overwrite:
+        where.check_removable()  # a symbolic link is refused before anything is touched
+    with where.lock():  # one writer at a time, from before anything is created or removed
+        return _import_locked(cfg, provenance, layout, files, ids, n_seq)
+
+
+def _import_locked(cfg: ImportConfig, provenance: Provenance, layout: CacheLayout,
+                   files: dict[int, TensorFile], ids: TensorFile | None, n_seq: int) -> ImportResult:
+    cache = _open_or_create(cfg, provenance, layout)
     if cache.complete:
         return ImportResult(cache, 0, 0, 0.0, was_complete=True)
     try:
@@ -222,12 +235,23 @@ def _open_or_create(cfg: ImportConfig, provenance: Provenance, layout: CacheLayo
             raise SaecacheError(f"cache at {cfg.cache} differs from this import: {diffs[0]}; re-run "
                                 "with the cache's files and settings to resume, --overwrite to start "
                                 "over, or choose another CACHE")
-        if not cache.complete and (removed := where.clean_partials()):
+        if cache.complete:
+            return cache
+        committed = cache.committed() if cache.tokens_done else None
+        _check_space(cfg, bytes_to_write(cache.layout, provenance.token_budget, committed))
+        if removed := where.clean_partials():
             log.info("removed %d partial chunk files left by an interrupted import", removed)
         return cache
+    reclaimed = where.size() if where.exists() else 0  # --overwrite deletes the old cache first
+    _check_space(cfg, bytes_to_write(layout, provenance.token_budget, None), reclaimed)
     if where.exists():
         Cache.remove(cfg.cache, cfg.storage_options)  # refuses anything that is not a cache
     return Cache.create(cfg.cache, provenance, layout, storage_options=cfg.storage_options)
+
+
+def _check_space(cfg: ImportConfig, needed: int, reclaimed: int = 0) -> None:
+    if not cfg.no_space_check:
+        check_space(location_of(cfg.cache, cfg.storage_options), needed, "import", reclaimed, hint="")
 
 
 # ---- writing ------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
     harvest(cfg)
       ├─ check the request (model config, tokenizer, layers, ctx) before touching anything  (prepare)
-      ├─ open + compare, or create, the cache                                        (prepare)
+      ├─ take the cache's writer lock, held to the end (a second writer is refused)
+      ├─ open + compare (weights, tokenizer, commit record), check free space, or create  (prepare)
       ├─ tokenise + pack into `tokens`/`source`                (corpus, packing) — once
       └─ for each unit of pending blocks:
            forward with hooks → HostBuffer                      (capture)
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from saecache.harvest.prepare import describe, open_or_create
 from saecache.harvest.writer import BlockWriter
 from saecache.storage.cache import Cache
 from saecache.storage.layout import CacheLayout
+from saecache.storage.location import location_of
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +35,31 @@ log = logging.getLogger(__name__)
 def harvest(cfg: HarvestConfig) -> HarvestResult:
     """Create or resume the cache at ``cfg.cache``; returns when every block is committed.
 
-    Under torchrun, rank 0 checks, creates and tokenises while the others wait; then every
-    rank forwards its round-robin share of the pending units; rank 0 finishes the cache.
+    Under torchrun, rank 0 takes the cache's lock, checks, creates and tokenises while the
+    others wait; then every rank forwards its round-robin share of the pending units; rank 0
+    finishes the cache and releases the lock.
     """
     group = ranks()
     config = load_config(cfg.model, cfg.revision)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     provenance, layout = describe(cfg, config, tokenizer)
-    group.on_main(lambda: open_or_create(cfg, provenance, layout, tokenizer))
-    cache = Cache.open(cfg.cache, writable=True, storage_options=cfg.storage_options)
+    where = location_of(cfg.cache, cfg.storage_options)
+    if cfg.overwrite:
+        where.check_removable()  # a symbolic link is refused before anything is touched
+    with ExitStack() as held:
+        def prepare() -> None:
+            held.enter_context(where.lock())  # before anything is created, cleaned or removed
+            open_or_create(cfg, provenance, layout, tokenizer)
+
+        group.on_main(prepare)
+        cache = Cache.open(cfg.cache, writable=True, storage_options=cfg.storage_options)
+        if cache.complete:
+            return HarvestResult(cache, 0, 0, 0.0, was_complete=True)
+        return _harvest_pending(cfg, group, cache)
+
+
+def _harvest_pending(cfg: HarvestConfig, group, cache: Cache) -> HarvestResult:
+    """Forward this rank's share of the uncommitted blocks; rank 0 finishes the cache."""
     pending = [int(b) for b in np.flatnonzero(~cache.committed())]
     units = group.mine(units_of(cache.layout, pending, cfg.batch_size))
     result = HarvestResult(cache, 0, 0, 0.0)

@@ -2,7 +2,9 @@
 
 The model's config and tokenizer (no weights) say whether the request is possible; the
 cache's provenance and layout are derived from them and compared with an existing cache, which
-is resumed, or a new one is created and filled with `tokens` and `source`.
+is resumed, or a new one is created and filled with `tokens` and `source`. All of it runs
+under the cache's writer lock (harvest.loop), and nothing is created, cleaned or removed
+before the space check has passed.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from saecache.core.errors import SaecacheError
 from saecache.core.units import parse_layers
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.corpus import iter_texts
+from saecache.harvest.identity import model_fingerprint, tokenizer_hash
 from saecache.harvest.models import find_blocks, max_ctx_of, n_layers_of, vocab_hash
 from saecache.harvest.packing import Sequence, pack, tokenize_documents
+from saecache.storage import layout as names
 from saecache.storage.cache import Cache
+from saecache.storage.chunks import chunk_key
 from saecache.storage.layout import CacheLayout
-from saecache.storage.provenance import Provenance
 from saecache.storage.location import location_of
+from saecache.storage.provenance import Provenance
+from saecache.storage.space import bytes_to_write, check_space
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,8 @@ def describe(cfg: HarvestConfig, config, tokenizer) -> tuple[Provenance, CacheLa
         dataset_config=cfg.dataset.config, split=cfg.dataset.split,
         dataset_revision=cfg.dataset.revision, text_field=cfg.dataset.text_field,
         token_budget=cfg.tokens, model_commit=getattr(config, "_commit_hash", None),
-        saecache_version=__version__,
+        saecache_version=__version__, model_fingerprint=model_fingerprint(cfg.model, config),
+        tokenizer_hash=tokenizer_hash(tokenizer),
     )
     layout = CacheLayout(ctx=cfg.ctx, d=int(config.hidden_size), layers=layers,
                          seqs_per_block=CacheLayout.seqs_per_block_for(cfg.ctx, cfg.chunk_rows),
@@ -67,17 +74,24 @@ def blocks_path_of(config, n_layers: int) -> str:
 
 def open_or_create(cfg: HarvestConfig, provenance: Provenance, layout: CacheLayout,
                     tokenizer) -> Cache:
-    """The cache to fill: the existing one if it matches, else a new one with its tokens."""
+    """The cache to fill: the existing one if it matches (returned untouched when complete),
+    else a new one with its tokens. Call with the cache's writer lock held."""
     where = location_of(cfg.cache, cfg.storage_options)
     exists = where.exists()
     cache = None
     if exists and not cfg.overwrite:
         cache = Cache.open(cfg.cache, writable=True, storage_options=cfg.storage_options)
-        cache.check_matches(provenance, layout)
+        check_resumable(cache, provenance, layout)
+        if not cache.complete:
+            committed = cache.committed() if cache.tokens_done else None
+            _check_space(cfg, bytes_to_write(cache.layout, cfg.tokens, committed))
         if removed := where.clean_partials():  # before any rank writes again
             log.info("removed %d partial chunk files left by an interrupted harvest", removed)
         if cache.tokens_done:
             return cache
+    else:
+        reclaimed = where.size() if exists else 0  # --overwrite deletes the old cache first
+        _check_space(cfg, bytes_to_write(layout, cfg.tokens, None), reclaimed)
     sequences = _sequences(cfg, tokenizer)  # fails on missing or empty data before any change
     if cache is None:
         if exists:
@@ -85,6 +99,47 @@ def open_or_create(cfg: HarvestConfig, provenance: Provenance, layout: CacheLayo
         cache = Cache.create(cfg.cache, provenance, layout, storage_options=cfg.storage_options)
     _write_tokens(cache, sequences, cfg.tokens // cfg.ctx)
     return cache
+
+
+def _check_space(cfg: HarvestConfig, needed: int, reclaimed: int = 0) -> None:
+    if not cfg.no_space_check:
+        check_space(location_of(cfg.cache, cfg.storage_options), needed, "harvest", reclaimed)
+
+
+def check_resumable(cache: Cache, provenance: Provenance, layout: CacheLayout) -> None:
+    """Refuse, in one line, a cache made from other weights or settings, or one whose commit
+    record names chunks that are not there."""
+    if change := cache.provenance.weights_change(provenance):
+        raise SaecacheError(
+            f"cache at {cache.location} was harvested from {change}: its activations are not this "
+            "model's; harvest into another CACHE, or --overwrite")
+    cache.check_matches(provenance, layout)
+    check_commit_record(cache)
+
+
+def check_commit_record(cache: Cache) -> None:
+    """Every chunk of the token arrays and of every committed block is present (one listing),
+    and a complete cache has every block committed; a problem is one line pointing to verify."""
+    if not cache.tokens_done:
+        return
+    committed = cache.committed()  # (n_blocks,) bool
+    if cache.complete and not committed.all():
+        _damaged(cache, f"{int((~committed).sum())} of its {len(committed)} blocks are not committed")
+    present = set(cache.where.list(""))
+    every, done = range(cache.layout.n_blocks), [int(b) for b in np.flatnonzero(committed)]
+    owed = {names.TOKENS: every, names.SOURCE: every, names.BLOCK_STATS: done, names.COMMITTED: done}
+    owed |= {names.resid_name(layer): done for layer in cache.layout.layers}
+    for name, blocks in owed.items():
+        arr = cache.array(name)
+        for block in blocks:
+            coords = (block,) + (0,) * (arr.ndim - 1)  # every array has one chunk per block
+            if chunk_key(arr, coords) not in present:
+                _damaged(cache, f"{name} chunk {coords} of block {block} is missing")
+
+
+def _damaged(cache: Cache, problem: str) -> None:
+    raise SaecacheError(f"cache at {cache.location} is damaged: {problem}; run saecache verify "
+                        f"{cache.location}, then --overwrite or harvest into another CACHE")
 
 
 def _sequences(cfg: HarvestConfig, tokenizer) -> Iterator[Sequence]:

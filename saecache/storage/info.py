@@ -6,6 +6,7 @@ import numpy as np
 
 from saecache.storage import layout as names
 from saecache.storage.cache import Cache
+from saecache.storage.space import bytes_to_write, format_bytes
 from saecache.storage.stats import per_layer
 from saecache.core.units import format_count, format_layers
 
@@ -19,7 +20,7 @@ def describe(cache: Cache) -> dict:
     done_seqs = sum(len(lay.block_seqs(int(b))) for b in np.flatnonzero(committed))
     resid_logical = done_seqs * lay.ctx * lay.d * 2 * len(lay.layers)
     resid_stored = sum(cache.where.size(names.resid_name(layer)) for layer in lay.layers)
-    return {
+    info = {
         "location": cache.location,
         "format_version": cache.meta["format_version"],
         "saecache_version": cache.meta["saecache_version"],
@@ -41,6 +42,10 @@ def describe(cache: Cache) -> dict:
         },
         "stats": _stats(cache, committed),
     }
+    if not cache.complete:  # what finishing the harvest will still write (storage.space)
+        info["bytes_to_write"] = bytes_to_write(lay, cache.provenance.token_budget,
+                                                committed if cache.tokens_done else None)
+    return info
 
 
 def _stats(cache: Cache, committed: np.ndarray) -> dict:
@@ -76,6 +81,8 @@ def format_info(info: dict) -> str:
         f"on disk      {st['bytes_on_disk'] / gib:.3f} GiB; residuals {st['resid_bytes_stored'] / gib:.3f} GiB "
         f"stored for {st['resid_bytes_logical'] / gib:.3f} GiB ({ratio})",
     ]
+    if "bytes_to_write" in info:
+        lines.append(f"to write     {format_bytes(info['bytes_to_write'])} more to finish the harvest")
     if info["stats"]:
         lines.append("layer   E|x|      E|x|^2      rows  non-finite")
         for layer, s in info["stats"].items():

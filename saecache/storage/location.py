@@ -4,7 +4,7 @@
 its ``--storage-option`` values): a :class:`LocalFolder` for a path or ``file://`` URL, a
 :class:`UrlLocation` for ``s3://bucket/path`` and every other fsspec URL. Both answer the
 same questions (is anything there, what is under a prefix and how big, remove it all, clean
-up after a killed writer) and open the same kind of zarr v3 store (zarr's ``LocalStore`` and
+up after a killed writer, lock it for one writer: :meth:`Location.lock`) and open the same kind of zarr v3 store (zarr's ``LocalStore`` and
 ``FsspecStore`` share one interface), so no other module asks which kind it has.
 
 zarr's store API is async; :func:`run` drives it from synchronous code on zarr's own event
@@ -13,16 +13,20 @@ loop, the same way zarr's synchronous ``Array`` does.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from saecache.core.errors import SaecacheError
+from saecache.core.lock import LOCK_NAME, FileLock
 from saecache.storage import objectstore
 
 T = TypeVar("T")
@@ -75,7 +79,21 @@ class Location(ABC):
 
     @abstractmethod
     def remove(self) -> None:
-        """Delete everything at this location."""
+        """Delete everything at this location but a lock that names its holder (the
+        ``--overwrite`` that is removing holds it); an empty, released lock file goes too."""
+
+    @abstractmethod
+    def lock(self, exclusive: bool = True) -> AbstractContextManager[None]:
+        """Hold the cache's lock for a ``with`` block: a writer's (``exclusive``), refused in one
+        line naming the holder while anyone else writes or reads, or a reader's, refused while
+        someone writes. Take a writer's before anything is created, cleaned or removed."""
+
+    def check_removable(self) -> None:
+        """Refuse, before anything is touched, what ``--overwrite`` must not delete."""
+
+    def free_bytes(self) -> int | None:
+        """Bytes free where the cache goes (None: not known, as for an object store)."""
+        return None
 
     def list(self, prefix: str) -> list[str]:
         """Every key under ``prefix``: one listing, not one request per key."""
@@ -104,7 +122,10 @@ class LocalFolder(Location):
         self.path = Path(text.removeprefix("file://"))
 
     def exists(self) -> bool:
-        return self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir()))
+        """A folder holding nothing but the lock file counts as empty."""
+        if not self.path.is_dir():
+            return self.path.exists()
+        return any(entry.name != LOCK_NAME for entry in self.path.iterdir())
 
     def store(self, read_only: bool) -> LocalStore:
         if not read_only:
@@ -112,7 +133,43 @@ class LocalFolder(Location):
         return LocalStore(self.path, read_only=read_only)
 
     def remove(self) -> None:
-        shutil.rmtree(self.path)
+        self.check_removable()
+        for entry in self.path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.name != LOCK_NAME or not entry.stat().st_size:
+                entry.unlink()
+
+    def check_removable(self) -> None:
+        if self.path.is_symlink():
+            raise SaecacheError(f"CACHE {self.text} is a symbolic link (to {self.path.resolve()}): "
+                                "--overwrite deletes only real folders; give the folder it points "
+                                "to, or another CACHE")
+
+    def free_bytes(self) -> int:
+        """Free space on the filesystem of the nearest folder that exists (CACHE may not yet)."""
+        path = self.path.absolute()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return shutil.disk_usage(path).free
+
+    @contextmanager
+    def lock(self, exclusive: bool = True) -> Iterator[None]:
+        lock = FileLock(self.path / LOCK_NAME, f"cache at {self.text}")
+        if not exclusive:
+            with lock.shared():
+                yield
+            return
+        made = _missing_folders(self.path)
+        try:
+            with lock.exclusive():
+                yield
+        finally:
+            if made and not self.exists():  # a refused new cache leaves no empty folders
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+                for folder in made:
+                    with contextlib.suppress(OSError):  # another process put something there
+                        folder.rmdir()
 
     def clean_partials(self) -> int:
         """zarr's local store writes ``KEY.<uuid>.partial`` and renames it to ``KEY``; a kill
@@ -140,15 +197,30 @@ class UrlLocation(Location):
             if run(store.exists("zarr.json")):  # a cache or another zarr group: one HEAD request
                 return True
             try:
-                return not run(store.is_empty(""))  # lists the prefix; fails on a missing bucket
+                keys = run(_first_keys(store, 2))  # lists the prefix; fails on a missing bucket
             except FileNotFoundError as err:
                 raise objectstore.missing_bucket(self.text, self.options, err) from None
+            return any(key != LOCK_NAME for key in keys)  # a lease alone is not a cache
 
     def store(self, read_only: bool) -> FsspecStore:
         return objectstore.fsspec_store(self.text, self.options).with_read_only(read_only)
 
     def remove(self) -> None:
-        run(self.store(read_only=False).delete_dir(""))
+        store = self.store(read_only=False)
+
+        async def delete_all_but_the_lease() -> None:
+            async for key in store.list_prefix(""):
+                if key != LOCK_NAME or not await store.getsize(key):
+                    await store.delete(key)
+
+        run(delete_all_but_the_lease())
+
+    def lock(self, exclusive: bool = True) -> AbstractContextManager[None]:
+        from saecache.storage.lock import Lease  # it drives the store the same way
+
+        self.exists()  # the first request: a missing bucket or bad credentials are one line
+        lease = Lease(self.store(read_only=False), f"cache at {self.text}")
+        return lease.exclusive() if exclusive else lease.shared()
 
     def size(self, prefix: str = "") -> int:
         store = self.store(read_only=True)
@@ -160,3 +232,23 @@ class UrlLocation(Location):
         if all(size is not None for size in sizes):
             return sum(int(size) for size in sizes)
         return super().size(prefix)
+
+
+async def _first_keys(store: Store, n: int) -> list[str]:
+    """Up to ``n`` keys under the store's root: enough to tell a lone lease from a cache."""
+    keys = []
+    async for key in store.list_prefix(""):
+        keys.append(key)
+        if len(keys) >= n:
+            break
+    return keys
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing

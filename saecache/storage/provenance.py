@@ -17,7 +17,12 @@ _IDENTITY = (
     ("dataset revision", "dataset_revision"),
     ("text field", "text_field"),
     ("token budget", "token_budget"),
+    ("model weights", "model_fingerprint"),
+    ("tokenizer", "tokenizer_hash"),
 )
+# Identity fields that caches written before saecache 0.2 lack: None there means unknown,
+# never a difference, and they are left out of what such a cache says of itself.
+_OPTIONAL = ("model_fingerprint", "tokenizer_hash")
 
 
 @dataclass(frozen=True)
@@ -58,23 +63,53 @@ class Provenance:
     """Resolved commit of a Hub model, when known (recorded, not compared)."""
     saecache_version: str = ""
     """saecache version that created the cache (recorded, not compared)."""
+    model_fingerprint: str | None = None
+    """What the weights were: ``commit:<sha>`` of a Hub model, or ``sha256:…`` over a local
+    folder's weight files and config.json (None: unknown, a cache from saecache 0.1)."""
+    tokenizer_hash: str | None = None
+    """sha256 of the whole tokenizer: vocabulary, merges, normaliser, pre-tokeniser, special
+    and added tokens, and the settings that change encoding (None: unknown)."""
 
     def differences(self, requested: Provenance) -> list[str]:
         """Human-readable differences on identity fields: 'model: A (cache) vs B'."""
         return [
             f"{label} is {getattr(self, name)!r} in the cache, not {getattr(requested, name)!r}"
             for label, name in _IDENTITY
-            if getattr(self, name) != getattr(requested, name)
+            if self._differs(requested, name)
         ]
+
+    def weights_change(self, requested: Provenance) -> str | None:
+        """'the model at /p with weights sha256:1a2b…, which now holds sha256:3c4d…' when the
+        same model name now has other weights, else None (also when either is unknown)."""
+        if self.model != requested.model or not self._differs(requested, "model_fingerprint"):
+            return None
+        kind = "commit" if self.model_fingerprint.startswith("commit:") else "weights"
+        then, now = (_short(f) for f in (self.model_fingerprint, requested.model_fingerprint))
+        holds = "resolves to" if kind == "commit" else "holds"
+        return f"the model at {self.model} with {kind} {then}, which now {holds} {now}"
+
+    def _differs(self, requested: Provenance, name: str) -> bool:
+        mine, theirs = getattr(self, name), getattr(requested, name)
+        if name in _OPTIONAL and (mine is None or theirs is None):
+            return False  # unknown on one side: not a difference
+        return mine != theirs
 
     def identity(self) -> dict:
         """The identity fields by name: what a run trained on this cache records of it."""
-        return {name: getattr(self, name) for _, name in _IDENTITY}
+        return {name: getattr(self, name) for _, name in _IDENTITY
+                if name not in _OPTIONAL or getattr(self, name) is not None}
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in _OPTIONAL or v is not None}
 
     @classmethod
     def from_json(cls, data: dict) -> Provenance:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _short(fingerprint: str) -> str:
+    """``sha256:1a2b3c4d5e6f…`` or a commit's ``1a2b3c4d5e6f…``: enough to tell two apart."""
+    kind, _, digest = fingerprint.partition(":")
+    short = f"{digest[:12]}…" if len(digest) > 12 else digest
+    return short if kind == "commit" else f"{kind}:{short}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 
 import torch
@@ -21,10 +22,12 @@ import torch
 from saecache.core.atomic import check_folder
 from saecache.core.distributed import ranks
 from saecache.core.errors import SaecacheError
+from saecache.core.lock import LOCK_NAME, FileLock
 from saecache.core.progress import Progress
 from saecache.core.units import format_count
 from saecache.storage.cache import Cache
 from saecache.storage.layout import CacheLayout
+from saecache.storage.location import location_of
 from saecache.train.config import TrainConfig
 from saecache.train.reader import Plan, PrefetchReader, read_heldout
 from saecache.train.runfolder import RunFolder, RunRecord
@@ -40,15 +43,18 @@ def train(cfg: TrainConfig) -> list[SisterRun]:
     group = ranks()
     cfg = replace(cfg, device=group.device(cfg.device))
     check_folder(cfg.out)
-    cache = Cache.open(cfg.cache, storage_options=cfg.storage_options)
-    _check_cache(cache, cfg)
-    for layer in cfg.layers:  # what needs the cache's d and size, before any run folder is made
-        _check_layer(cfg, cache, layer)
-    _set_precision(cfg.precision)
-    finished = []
-    for layer in group.mine(list(cfg.layers)):
-        finished += train_layer(cfg, cache, layer)
-    group.barrier()
+    # A reader's lock on the cache for the whole run: refused while a harvest writes it, and
+    # a writer (harvest --overwrite) is refused while this reads.
+    with location_of(cfg.cache, cfg.storage_options).lock(exclusive=False):
+        cache = Cache.open(cfg.cache, storage_options=cfg.storage_options)
+        _check_cache(cache, cfg)
+        for layer in cfg.layers:  # what needs the cache's d and size, before any run folder is made
+            _check_layer(cfg, cache, layer)
+        _set_precision(cfg.precision)
+        finished = []
+        for layer in group.mine(list(cfg.layers)):
+            finished += train_layer(cfg, cache, layer)
+        group.barrier()
     return finished
 
 
@@ -135,15 +141,18 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
     mean = torch.from_numpy(stats.mean * scale).float()  # (d,) where b_dec starts
     records = [RunRecord(spec, cfg.identity(), run_identity(cache, layer), scale, cfg.cache)
                for spec in cfg.run_specs(layer, d)]
-    runs = [SisterRun.open(RunFolder.of(cfg.out, r.spec), r, cfg, d, mean) for r in records]
-    start = SisterRun.common_step(runs)
-    bytes_read = [run.resume(start) for run in runs][0]  # each saved the same reader count
-    if start >= cfg.steps:
-        return runs
-    heldout = read_heldout(cache, layer, cfg.reader, cfg.heldout_rows)  # (H, d) fp16
-    heldout = heldout.to(cfg.device).float() * scale
-    with PrefetchReader(cache, layer, cfg.reader, cfg.device) as reader:
-        _loop(cfg, runs, _Window(reader, start, bytes_read), heldout, start, scale)
+    with ExitStack() as held:  # each run folder's writer lock, from before run.json is read
+        for folder in (RunFolder.of(cfg.out, r.spec) for r in records):
+            held.enter_context(FileLock(folder.dir / LOCK_NAME, f"run {folder.dir}").exclusive())
+        runs = [SisterRun.open(RunFolder.of(cfg.out, r.spec), r, cfg, d, mean) for r in records]
+        start = SisterRun.common_step(runs)
+        bytes_read = [run.resume(start) for run in runs][0]  # each saved the same reader count
+        if start >= cfg.steps:
+            return runs
+        heldout = read_heldout(cache, layer, cfg.reader, cfg.heldout_rows)  # (H, d) fp16
+        heldout = heldout.to(cfg.device).float() * scale
+        with PrefetchReader(cache, layer, cfg.reader, cfg.device) as reader:
+            _loop(cfg, runs, _Window(reader, start, bytes_read), heldout, start, scale)
     return runs
 
 
