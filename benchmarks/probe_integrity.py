@@ -190,7 +190,7 @@ def tree(path: Path) -> dict:
 # ---- the probes -------------------------------------------------------------------------------
 
 PROBES: list[Probe] = []
-W: World  # set in main()
+W: World = None  # type: ignore[assignment]  # the shared fixtures, made in main()
 
 
 def probe(item: str, name: str, expect_ok: bool = False):

@@ -107,9 +107,11 @@ def test_a_second_harvest_and_readers_are_refused_and_the_first_ends_as_a_clean_
 
 def test_a_harvest_started_while_the_first_tokenises_changes_nothing(tmp_path, tiny_model):
     text = tmp_path / "long.txt"  # tokens written one block at a time: a long tokenising phase
-    text.write_text("\n\n".join([DEMO_TEXT.read_text().strip()] * 2))
+    # 1024 blocks of one sequence, each written on its own: seconds of tokenising, so that the
+    # pause below lands inside it even on a loaded machine (the process is killed after it)
+    text.write_text("\n\n".join([DEMO_TEXT.read_text().strip()] * 8))
     args = ["harvest", str(tmp_path / "cache.zarr"), "--model", str(tiny_model), "--dataset",
-            str(text), "--tokens", "8192", "--ctx", "32", "--chunk-rows", "32", "--device", "cpu",
+            str(text), "--tokens", "32768", "--ctx", "32", "--chunk-rows", "32", "--device", "cpu",
             "--no-progress"]
     cache = tmp_path / "cache.zarr"
     first = subprocess.Popen(saecache(*args), stderr=subprocess.DEVNULL)

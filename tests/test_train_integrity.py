@@ -5,7 +5,6 @@ of a killed run removed, and a full or read-only disk as one line, never a trace
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shlex
 import shutil

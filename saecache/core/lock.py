@@ -98,17 +98,25 @@ class FileLock:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold the writer's lock for the ``with`` block; refuses in one line if anyone holds it."""
+        """Hold the writer's lock for the ``with`` block; refuses in one line if anyone holds it.
+        Folders made to hold the lock file are removed again if nothing else was put in them (a
+        refused or failed run leaves no empty run folder or cache folder behind)."""
+        made = missing_folders(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = self._acquire(fcntl.LOCK_EX, "a+")
         try:
-            f.seek(0)
-            if stale := Holder.parse(f.read()):
-                log.warning("%s: took over the stale lock of %s, which no longer runs", self.what, stale)
-            _rewrite(f, json.dumps(Holder.me().to_json()) + "\n")
-            yield
+            f = self._acquire(fcntl.LOCK_EX, "a+")
+            try:
+                f.seek(0)
+                if stale := Holder.parse(f.read()):
+                    log.warning("%s: took over the stale lock of %s, which no longer runs", self.what, stale)
+                _rewrite(f, json.dumps(Holder.me().to_json()) + "\n")
+                yield
+            finally:
+                _release(f, self.path)
         finally:
-            _release(f, self.path)
+            for folder in made:  # deepest first; one another process uses is not empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     @contextmanager
     def shared(self) -> Iterator[None]:
@@ -149,6 +157,16 @@ class FileLock:
         if readers:
             fcntl.flock(f, fcntl.LOCK_UN)
         return refusal(self.what, None if readers else _holder(f), writing=not readers)
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def _is_current(f: IO[str], path: Path) -> bool:

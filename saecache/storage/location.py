@@ -13,7 +13,6 @@ loop, the same way zarr's synchronous ``Array`` does.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine
@@ -155,21 +154,12 @@ class LocalFolder(Location):
 
     @contextmanager
     def lock(self, exclusive: bool = True) -> Iterator[None]:
+        if self.path.exists() and not self.path.is_dir():  # not even a folder to lock in
+            raise SaecacheError(f"{self.text} is not a saecache cache (it is a file, not a folder): "
+                                "choose a new or empty path")
         lock = FileLock(self.path / LOCK_NAME, f"cache at {self.text}")
-        if not exclusive:
-            with lock.shared():
-                yield
-            return
-        made = _missing_folders(self.path)
-        try:
-            with lock.exclusive():
-                yield
-        finally:
-            if made and not self.exists():  # a refused new cache leaves no empty folders
-                (self.path / LOCK_NAME).unlink(missing_ok=True)
-                for folder in made:
-                    with contextlib.suppress(OSError):  # another process put something there
-                        folder.rmdir()
+        with lock.exclusive() if exclusive else lock.shared():
+            yield
 
     def clean_partials(self) -> int:
         """zarr's local store writes ``KEY.<uuid>.partial`` and renames it to ``KEY``; a kill
@@ -242,13 +232,3 @@ async def _first_keys(store: Store, n: int) -> list[str]:
         if len(keys) >= n:
             break
     return keys
-
-
-def _missing_folders(path: Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, deepest first."""
-    missing = []
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
