@@ -146,11 +146,13 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
             held.enter_context(FileLock(folder.dir / LOCK_NAME, f"run {folder.dir}").exclusive())
         runs = [SisterRun.open(RunFolder.of(cfg.out, r.spec), r, cfg, d, mean) for r in records]
         start = SisterRun.common_step(runs)
+        heldout = None  # read before anything is written: a damaged cache leaves no run behind
+        if start < cfg.steps:
+            heldout = read_heldout(cache, layer, cfg.reader, cfg.heldout_rows)  # (H, d) fp16
+            heldout = heldout.to(cfg.device).float() * scale
         bytes_read = [run.resume(start) for run in runs][0]  # each saved the same reader count
-        if start >= cfg.steps:
+        if heldout is None:
             return runs
-        heldout = read_heldout(cache, layer, cfg.reader, cfg.heldout_rows)  # (H, d) fp16
-        heldout = heldout.to(cfg.device).float() * scale
         with PrefetchReader(cache, layer, cfg.reader, cfg.device) as reader:
             _loop(cfg, runs, _Window(reader, start, bytes_read), heldout, start, scale)
     return runs
