@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 import click
 
@@ -65,22 +66,29 @@ class OneLineErrors(click.Group):
         except click.exceptions.Exit as done:
             sys.exit(done.exit_code)
         except click.ClickException as err:
-            click.echo(f"saecache: error: {err.format_message()}", err=True)
-            sys.exit(err.exit_code)
+            _fail(f"saecache: error: {err.format_message()}", err.exit_code)
         except SaecacheError as err:
-            click.echo(f"saecache: error: {err}", err=True)
-            sys.exit(1)
+            _fail(f"saecache: error: {err}", 1)
         except (click.exceptions.Abort, KeyboardInterrupt) as err:
-            click.echo("saecache: interrupted; re-run the same command to resume", err=True)
             terminated = isinstance(err, Terminated) or isinstance(err.__context__, Terminated)
-            sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))  # click makes Abort of it
+            _fail("saecache: interrupted; re-run the same command to resume",  # click makes Abort of it
+                  128 + (signal.SIGTERM if terminated else signal.SIGINT))
         except OSError as err:  # the net behind the stages' own messages: a disk, not a bug
             failure = write_failure(err)
             if failure is None:
                 raise
-            click.echo(f"saecache: error: {failure}", err=True)
-            sys.exit(1)
+            _fail(f"saecache: error: {failure}", 1)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _fail(line: str, code: int) -> NoReturn:
+    """Print the one line and exit with ``code``, once zarr's reads still in flight have
+    finished (a refused chunk leaves its siblings running: storage.location.settle)."""
+    from saecache.storage.location import settle
+
+    click.echo(line, err=True)
+    settle()
+    sys.exit(code)
 
 
 def _storage_options(pairs: tuple[str, ...]) -> dict:
@@ -124,6 +132,7 @@ def cli(verbose: bool):
     train, evaluate, report and export sparse autoencoders from it."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="saecache: %(message)s")
+
 
 
 @cli.command()
@@ -221,7 +230,7 @@ def verify(cache, threads, storage_option):
     click.echo(f"read {report.chunks_read} chunks ({report.bytes_read / 2**30:.3f} GiB); "
                f"non-finite values: {counts}")
     if not report.ok:
-        raise SaecacheError(f"{len(report.problems)} bad chunk(s) in {cache}, first: {report.problems[0]}")
+        raise SaecacheError(f"{len(report.problems)} problem(s) in {cache}, first: {report.problems[0]}")
     click.echo("ok")
 
 

@@ -397,3 +397,21 @@ def test_harvest_resume_in_a_real_process(cache, tiny_model):
     assert_process_failed(proc, "tokens chunk (6, 0) is corrupt")
     assert np.count_nonzero(Cache.open(str(cache)).committed()) == 6
     assert names.TOKENS in proc.stderr
+
+
+def test_a_refused_read_leaves_nothing_in_flight_once_settled(cache):
+    """One corrupt chunk fails a read of many while zarr's other chunk reads still run: the CLI
+    settles them before it exits, so nothing prints after its one line."""
+    import asyncio
+
+    from saecache.storage.location import run as run_on_zarr_loop
+    from saecache.storage.location import settle
+
+    damage(cache, "resid/00/c/0/0", "flip")
+    with pytest.raises(ChunkError):
+        Cache.open(str(cache)).resid(0)[:]  # 8 chunks read concurrently, the first one refused
+    settle()
+
+    async def others() -> int:
+        return sum(not t.done() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+    assert run_on_zarr_loop(others()) == 0

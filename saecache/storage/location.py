@@ -13,6 +13,7 @@ loop, the same way zarr's synchronous ``Array`` does.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine
@@ -34,6 +35,27 @@ T = TypeVar("T")
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one of a store's async methods to completion from synchronous code."""
     return sync(coro)
+
+
+def settle(timeout: float = 5.0) -> None:
+    """Let zarr's reads still in flight finish (at most ``timeout`` seconds) and collect their
+    errors. A read refused part-way — one of zarr's concurrent chunk reads raised on a missing
+    or corrupt chunk — returns while the others still run on zarr's event loop; a process that
+    ends under them makes asyncio print tracebacks after its one-line error."""
+    from zarr.core import sync as zarr_sync
+
+    if zarr_sync.loop[0] is None:  # zarr never ran anything
+        return
+
+    async def others() -> None:
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        for task in pending:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: asyncio logs no "exception was never retrieved"
+
+    run(others())
 
 
 def is_url(location: str) -> bool:
