@@ -487,20 +487,18 @@ def _small_model(ws: Path, **changes) -> Path:
     return build_tiny_model(ws / "small", TinyModelConfig(**changes))
 
 
-@probe("6", "eval --model with fewer layers than the run's layer")
-def _eval_fewer_layers(ws: Path):
-    run = ws / "run"
-    shutil.copytree(W.run, run)
-    args = ("eval", run, "--model", _small_model(ws, n_layers=1), "--device", "cpu")
-    return shown(*args), cli(*args), not (run / "eval.json").exists()
+def _eval_with(name: str, **model: int) -> None:
+    """eval of a copy of the trained run, spliced into a tiny model built with ``model``."""
+    def run_probe(ws: Path):
+        run = ws / "run"
+        shutil.copytree(W.run, run)
+        args = ("eval", run, "--model", _small_model(ws, **model), "--device", "cpu")
+        return shown(*args), cli(*args), not (run / "eval.json").exists()
+    PROBES.append(Probe("6", name, run_probe))
 
 
-@probe("6", "eval --model with a smaller vocabulary than the cache's tokens")
-def _eval_small_vocab(ws: Path):
-    run = ws / "run"
-    shutil.copytree(W.run, run)
-    args = ("eval", run, "--model", _small_model(ws, vocab_size=300), "--device", "cpu")
-    return shown(*args), cli(*args), not (run / "eval.json").exists()
+_eval_with("eval --model with fewer layers than the run's layer", n_layers=1)
+_eval_with("eval --model with a smaller vocabulary than the cache's tokens", vocab_size=300)
 
 
 # 8. signals, temporary files, full and read-only disks
