@@ -62,8 +62,18 @@ def wait_until(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
 
 @contextmanager
 def paused(proc: subprocess.Popen):
-    """The process stopped (its locks still held) for the block, then continued."""
+    """The process stopped (its locks still held) for the block, then continued. SIGSTOP is
+    delivered asynchronously: wait until the kernel reports the process stopped, so that no
+    write of it lands while the block looks at its files."""
     os.kill(proc.pid, signal.SIGSTOP)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.exists() and time.monotonic() < deadline:
+        if stat.read_text().rpartition(")")[2].split()[0] == "T":  # state, after "pid (comm)"
+            break
+        time.sleep(0.001)
+    else:
+        time.sleep(0.5)  # no /proc: give the signal time to land
     try:
         yield
     finally:
