@@ -24,10 +24,9 @@ from saecache.harvest.corpus import iter_texts
 from saecache.harvest.identity import model_fingerprint, tokenizer_hash
 from saecache.harvest.models import find_blocks, max_ctx_of, n_layers_of, vocab_hash
 from saecache.harvest.packing import Sequence, pack, tokenize_documents
-from saecache.storage import layout as names
 from saecache.storage.cache import Cache
-from saecache.storage.chunks import chunk_key
 from saecache.storage.layout import CacheLayout
+from saecache.storage.verify import missing_chunks
 from saecache.storage.location import location_of
 from saecache.storage.provenance import Provenance
 from saecache.storage.space import bytes_to_write, check_space
@@ -125,16 +124,8 @@ def check_commit_record(cache: Cache) -> None:
     committed = cache.committed()  # (n_blocks,) bool
     if cache.complete and not committed.all():
         _damaged(cache, f"{int((~committed).sum())} of its {len(committed)} blocks are not committed")
-    present = set(cache.where.list(""))
-    every, done = range(cache.layout.n_blocks), [int(b) for b in np.flatnonzero(committed)]
-    owed = {names.TOKENS: every, names.SOURCE: every, names.BLOCK_STATS: done, names.COMMITTED: done}
-    owed |= {names.resid_name(layer): done for layer in cache.layout.layers}
-    for name, blocks in owed.items():
-        arr = cache.array(name)
-        for block in blocks:
-            coords = (block,) + (0,) * (arr.ndim - 1)  # every array has one chunk per block
-            if chunk_key(arr, coords) not in present:
-                _damaged(cache, f"{name} chunk {coords} of block {block} is missing")
+    for name, coords in missing_chunks(cache, committed)[:1]:
+        _damaged(cache, f"{name} chunk {coords} of block {coords[0]} is missing")
 
 
 def _damaged(cache: Cache, problem: str) -> None:

@@ -55,6 +55,25 @@ def _expected_chunks(name: str, arr: zarr.Array, committed: np.ndarray):
     return [c for c in grid if committed[c[0]]]
 
 
+def _node_names(cache: Cache) -> list[str]:
+    """The arrays a tokenised cache holds."""
+    return [names.TOKENS, names.SOURCE, names.BLOCK_STATS, names.COMMITTED,
+            *(names.resid_name(layer) for layer in cache.layout.layers)]
+
+
+def missing_chunks(cache: Cache, committed: np.ndarray) -> list[tuple[str, tuple[int, ...]]]:
+    """(array, chunk coordinates) of every chunk that must exist and is not stored, found by one
+    listing of the cache (no chunk is read): what a resumed harvest checks before it trusts
+    its commit record. ``committed``: (n_blocks,) bool."""
+    present = set(cache.where.list(""))
+    missing = []
+    for name in _node_names(cache):
+        arr = cache.array(name)
+        missing += [(name, c) for c in _expected_chunks(name, arr, committed)
+                    if chunk_key(arr, c) not in present]
+    return missing
+
+
 def _check_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> tuple[int, int, str | None]:
     """(bytes read, non-finite count, problem or None) for one chunk."""
     try:
@@ -81,10 +100,8 @@ def verify(cache: Cache, threads: int = VERIFY_THREADS) -> VerifyReport:
     committed = np.zeros(cache.layout.n_blocks, dtype=bool) if record is None else record
     chunks = nbytes = 0
     nonfinite: dict[int, int] = {}
-    node_names = [names.TOKENS, names.SOURCE, names.BLOCK_STATS, names.COMMITTED]
-    node_names += [names.resid_name(layer) for layer in cache.layout.layers]
     with ThreadPoolExecutor(threads) as pool:
-        for name in node_names:
+        for name in _node_names(cache):
             try:
                 arr = cache.array(name)
             except NodeError as err:
