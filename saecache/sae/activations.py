@@ -93,7 +93,8 @@ def update_running_threshold_(threshold: Tensor, acts: Tensor, rate: float) -> N
     batches (dictionary-learning's BatchTopKTrainer, SAELens' topk_threshold). A batch with
     nothing active leaves θ as it is. No host sync.
     """
-    smallest = acts.detach().float().masked_fill(acts <= 0, float("inf")).amin()  # scalar
+    # in acts' own dtype: a minimum is exact in any dtype, and no fp32 copy of a bf16 (N, F)
+    smallest = acts.detach().masked_fill(acts <= 0, float("inf")).amin()  # scalar
     smallest = smallest.to(threshold.dtype)
     moved = torch.where(threshold > 0, (1 - rate) * threshold + rate * smallest, smallest)
     threshold.copy_(torch.where(torch.isfinite(smallest), moved, threshold))

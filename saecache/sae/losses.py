@@ -1,7 +1,9 @@
 """Training losses: ReLU SAEs with a decoder-norm-weighted L1 penalty, TopK SAEs with AuxK.
 
 Both take the batch x the SAE saw (already scaled by the trainer) and its :class:`ForwardOutput`,
-so that one forward pass serves the loss and the metrics.
+so that one forward pass serves the loss and the metrics. Under bf16 autocast the forward
+outputs are bf16; the squared error is taken on fp32 differences (:func:`_error`), so every mse
+is an fp32 mean.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.functional import embedding_bag
 
 from saecache.sae.activations import step
 
@@ -35,6 +36,19 @@ class LossOutput(NamedTuple):
     """Scalar, detached: topk: the AuxK loss before aux_coeff; relu: 0."""
 
 
+def _wide(t: Tensor) -> torch.dtype:
+    """The dtype a loss term of t is reduced in: fp32, or t's own if wider (float64 tests)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """x − x̂ (N, d) in fp32 (at least): under bf16 autocast x̂ is bf16, and a bf16 difference
+    would round every entry to 8 bits before the mean over N·d (4M) of its squares; in fp32
+    the entries keep 24 bits and the mean is the fp32 reduction's. fp32 inputs: no copy."""
+    dtype = _wide(x)
+    return x.to(dtype) - x_hat.to(dtype)
+
+
 def relu_l1_loss(sae: SAE, x: Tensor, out: ForwardOutput, l1_coeff: float) -> LossOutput:
     """Anthropic's April 2024 loss for ReLU SAEs, decoder norms in the penalty (not constrained):
 
@@ -43,13 +57,14 @@ def relu_l1_loss(sae: SAE, x: Tensor, out: ForwardOutput, l1_coeff: float) -> Lo
     where n runs over the N rows, j over the d dims and i over the F features. The first term is
     the plain mean of (x − x̂)² over all N·d entries.
     """
-    mse = (x - out.x_hat).pow(2).mean()
-    sparsity = (out.acts @ sae.decoder_norms()).mean()  # (N, F) @ (F,) → (N,) → scalar
+    mse = _error(x, out.x_hat).pow(2).mean()
+    # (N, F) @ (F,) → (N,) → scalar; under autocast the (N,) products are bf16, their mean fp32
+    sparsity = (out.acts @ sae.decoder_norms()).mean(dtype=_wide(out.acts))
     loss = mse + l1_coeff * sparsity
     return LossOutput(loss, mse.detach(), sparsity.detach(), torch.zeros_like(mse).detach())
 
 
-def topk_aux_loss(sae: SAE, x: Tensor, out: ForwardOutput, dead: Tensor, aux_k: int,
+def topk_aux_loss(sae: SAE, x: Tensor, out: ForwardOutput, dead: Tensor | None, aux_k: int,
                   aux_coeff: float = AUX_COEFF) -> LossOutput:
     """Gao et al. 2024's TopK loss: mse + aux_coeff · aux, with
 
@@ -61,13 +76,17 @@ def topk_aux_loss(sae: SAE, x: Tensor, out: ForwardOutput, dead: Tensor, aux_k: 
 
     and aux = 0 when `dead` (F,) bool marks no feature. Fewer than aux_k dead features: all
     of them are used. A batch whose errors have no variance (e.g. a single row) gives aux = 0.
-    No host sync: the caller may skip the call when it knows that nothing is dead.
+    No host sync. ``dead`` None says that the caller knows on the host that nothing can be
+    dead yet (fewer tokens seen than the dead window): aux = 0, and its term is not computed.
     """
     if aux_k < 1:
         raise ValueError(f"aux_k must be at least 1, got {aux_k}")
-    diff = x - out.x_hat  # (N, d)
+    diff = _error(x, out.x_hat)  # (N, d) fp32
     mse = diff.pow(2).mean()
-    aux = _aux_term(sae, diff.detach(), out.pre_acts, dead, aux_k)
+    if dead is None:  # the same loss and gradients as an all-False mask, without the work
+        aux = torch.zeros_like(mse)
+    else:
+        aux = _aux_term(sae, diff.detach(), out.pre_acts, dead, aux_k)
     loss = mse + aux_coeff * aux
     return LossOutput(loss, mse.detach(), torch.zeros_like(mse).detach(), aux.detach())
 
@@ -81,10 +100,15 @@ def _aux_term(sae: SAE, e: Tensor, pre_acts: Tensor, dead: Tensor, aux_k: int) -
     k = min(aux_k, pre_acts.shape[-1])
     live_masked = pre_acts.masked_fill(~dead, float("-inf"))  # (N, F): live features never chosen
     values, indices = torch.topk(live_masked, k, dim=-1, sorted=False)  # (N, k) each
-    weights = torch.relu(values).to(sae.W_dec.dtype)  # -inf (live, picked for want of dead) → 0
-    # Sparse decode Σ_k w_nk · W_dec[idx_nk] without the (N, F) dense matmul or an (N, k, d) gather.
-    e_hat = embedding_bag(indices, sae.W_dec, per_sample_weights=weights, mode="sum")  # (N, d)
-    num = (e - e_hat).pow(2).sum()
+    weights = torch.relu(values)  # (N, k); -inf (live, picked for want of dead) → 0
+    # ê = Σ_k w_nk · W_dec[idx_nk] as one dense matmul of the weights scattered into (N, F).
+    # Its memory is O(N·F): the (N, F) matrix, saved for the backward, and its gradient, 0.5 GiB
+    # in bf16 at N = 4096, F = 32768 (1 GiB in fp32), where embedding_bag's backward allocated
+    # an (N·k, d) fp32 scratch (8 GiB at k = 512, d = 1024). The weights keep pre_acts' dtype
+    # (bf16 under autocast, where the matmul runs in bf16 anyway).
+    dense = torch.zeros_like(pre_acts).scatter(-1, indices, weights)  # (N, F)
+    e_hat = dense @ sae.W_dec  # (N, d), no b_dec
+    num = _error(e, e_hat).pow(2).sum()
     den = (e - e.mean(dim=0)).pow(2).sum()
     ok = den > 0
     aux = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
@@ -101,7 +125,8 @@ def jumprelu_l0_loss(x: Tensor, out: ForwardOutput, l0_coeff: Tensor | float, th
     one to θ (sae.activations.step, kernel width ``bandwidth``). ``sparsity`` is the L0 term
     before l0_coeff; ``aux`` is 0.
     """
-    mse = (x - out.x_hat).pow(2).mean()
-    l0 = step(out.pre_acts, threshold, bandwidth).sum(dim=-1).mean()  # (N, F) → (N,) → scalar
+    mse = _error(x, out.x_hat).pow(2).mean()
+    # counts summed in fp32 at least: a bf16 sum (autocast) is exact only up to 256 features
+    l0 = step(out.pre_acts, threshold, bandwidth).sum(dim=-1, dtype=_wide(out.pre_acts)).mean()
     loss = mse + l0_coeff * l0
     return LossOutput(loss, mse.detach(), l0.detach(), torch.zeros_like(mse).detach())

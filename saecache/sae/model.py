@@ -119,15 +119,18 @@ class SAE(nn.Module):
         return sae
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(acts, pre_acts), both (N, F), for x (N, d)."""
+        """(acts, pre_acts), both (N, F), for x (N, d): rows only (torch.addmm is 2-D)."""
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        pre_acts = x @ self.W_enc + self.b_enc  # (N, F)
+        # One fused bias matmul, not x @ W_enc + b_enc: under bf16 autocast the add would run
+        # in fp32 (bf16 + fp32 parameter promotes), returning fp32 (N, F) pre-activations and
+        # activations and making the decoder cast them back to bf16. addmm stays bf16.
+        pre_acts = torch.addmm(self.b_enc, x, self.W_enc)  # (N, F)
         return arch_of(self.cfg.arch).activate(pre_acts, self), pre_acts
 
     def decode(self, acts: Tensor) -> Tensor:
         """x̂ (N, d) from acts (N, F)."""
-        return acts @ self.W_dec + self.b_dec
+        return torch.addmm(self.b_dec, acts, self.W_dec)  # fused, as in encode: bf16 stays bf16
 
     def forward(self, x: Tensor) -> ForwardOutput:
         acts, pre_acts = self.encode(x)
