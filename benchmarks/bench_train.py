@@ -25,7 +25,7 @@ from synthetic_cache import LAYER, make_cache  # benchmarks/ is on sys.path when
 
 from saecache.train.config import ReaderConfig, TrainConfig
 from saecache.train.loop import train
-from saecache.train.trainer import SAETrainer
+from saecache.train.trainer import SAETrainer, set_precision
 
 SISTERS = ("3e-4", "8e-5", "adaptive:150")
 
@@ -45,9 +45,11 @@ def sync(device: str) -> None:
 
 
 def limit(cache, args, precision: str, l1: tuple[str, ...], steps: int) -> float:
-    """Tokens/s of the runs' steps on one batch resident on the device."""
+    """Tokens/s of the runs' steps on one batch resident on the device, with the matmul
+    precision the training loop sets (tf32: TF32 on; without it "tf32" would time fp32)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = config(cache.location, out, args, precision, l1, steps * args.batch_size)
+        set_precision(precision)  # as train() does
         runs = [SAETrainer(spec, cfg, cache.layout.d) for spec in cfg.run_specs(LAYER, cache.layout.d)]
         x = torch.randn(args.batch_size, cache.layout.d, device=args.device)  # (B, d) on the device
         for step in range(3):  # warm-up

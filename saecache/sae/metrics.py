@@ -23,6 +23,13 @@ def _sq_error(x: Tensor, x_hat: Tensor) -> Tensor:
     return (_rows(x) - _rows(x_hat)).pow(2).sum()
 
 
+def fire_counts(acts: Tensor) -> Tensor:
+    """(F,) int64: the rows of acts (N, F) on which each feature is nonzero (one comparison and
+    one reduction over acts; CUDA's count_nonzero makes the (N, F) bool mask on the way). Its
+    sum is the batch's nonzero count, N·L0: one call serves every count a step needs."""
+    return torch.count_nonzero(acts.reshape(-1, acts.shape[-1]), dim=0)
+
+
 class FiringStats:
     """Which of F features fired, counted on the device without host syncs in :meth:`update`.
 
@@ -51,8 +58,15 @@ class FiringStats:
         """Count one batch of activations acts (N, F); a feature fires where its act is nonzero."""
         if acts.shape[-1] != self.n_features:
             raise ValueError(f"acts have {acts.shape[-1]} features, expected {self.n_features}")
-        n = acts.reshape(-1, self.n_features).shape[0]
-        counts = (acts != 0).reshape(-1, self.n_features).sum(dim=0)  # (F,) int64
+        rows = acts.reshape(-1, self.n_features)
+        self.add_counts(fire_counts(rows), rows.shape[0])
+
+    def add_counts(self, counts: Tensor, n: int) -> None:
+        """Count one batch of n rows from its :func:`fire_counts` (F,) int64: the trainer
+        counts each step's activations once and shares the counts with the metrics."""
+        if counts.shape != (self.n_features,):
+            raise ValueError(f"fire counts have shape {tuple(counts.shape)}, expected "
+                             f"({self.n_features},)")
         self.fire_counts += counts
         self.tokens_since_fired += n
         self.tokens_since_fired.masked_fill_(counts > 0, 0)
@@ -139,8 +153,11 @@ class RunningMetrics:
         self._acts_rows = 0
         self._sq_err = self._sum_x = self._sum_sq_x = self._nonzero = None
 
-    def update(self, x: Tensor, x_hat: Tensor, acts: Tensor | None = None) -> None:
-        """Add a batch: x, x̂ (N, d) and optionally acts (N, F)."""
+    def update(self, x: Tensor, x_hat: Tensor, acts: Tensor | None = None,
+               nonzero: Tensor | None = None) -> None:
+        """Add a batch: x, x̂ (N, d) and optionally acts (N, F), or instead of acts their
+        ``nonzero`` count (a scalar tensor, e.g. the sum of :func:`fire_counts`: no second pass
+        over acts)."""
         rows = _rows(x)  # (N, d) float64
         sq_err, sum_x = _sq_error(x, x_hat), rows.sum(dim=0)  # scalar, (d,)
         sum_sq_x = rows.pow(2).sum()
@@ -152,8 +169,9 @@ class RunningMetrics:
         self.tokens += rows.shape[0]
         if acts is not None:
             nonzero = torch.count_nonzero(acts)
+        if nonzero is not None:
             self._nonzero = nonzero if self._nonzero is None else self._nonzero + nonzero
-            self._acts_rows += acts.reshape(-1, acts.shape[-1]).shape[0]
+            self._acts_rows += rows.shape[0]  # acts has a row per row of x
 
     def summary(self) -> MetricsSummary:
         """The pooled metrics (NaNs before any update)."""

@@ -32,6 +32,7 @@ from saecache.train.config import TrainConfig
 from saecache.train.reader import Plan, PrefetchReader, read_heldout
 from saecache.train.runfolder import RunFolder, RunRecord
 from saecache.train.sister import SisterRun
+from saecache.train.trainer import set_precision
 
 
 def train(cfg: TrainConfig) -> list[SisterRun]:
@@ -50,7 +51,7 @@ def train(cfg: TrainConfig) -> list[SisterRun]:
         _check_cache(cache, cfg)
         for layer in cfg.layers:  # what needs the cache's d and size, before any run folder is made
             _check_layer(cfg, cache, layer)
-        _set_precision(cfg.precision)
+        set_precision(cfg.precision)
         finished = []
         for layer in group.mine(list(cfg.layers)):
             finished += train_layer(cfg, cache, layer)
@@ -127,12 +128,6 @@ def run_identity(cache: Cache, layer: int) -> dict:
             "seqs_per_block": lay.seqs_per_block, "layer": layer}
 
 
-def _set_precision(precision: str) -> None:
-    tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-
-
 def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
     """Train all runs of one layer from one read pass of its residuals."""
     _check_layer(cfg, cache, layer)
@@ -154,7 +149,7 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
         if heldout is None:
             return runs
         with PrefetchReader(cache, layer, cfg.reader, cfg.device) as reader:
-            _loop(cfg, runs, _Window(reader, start, bytes_read), heldout, start, scale)
+            _loop(cfg, runs, _Window(reader, start, bytes_read, cfg.device), heldout, start, scale)
     return runs
 
 
@@ -193,8 +188,8 @@ class _Window:
     wall-clock, and bytes_read counts what the reader's threads have read, read-ahead
     included (it continues from the checkpoint a run resumed from, plus the chunks re-read)."""
 
-    def __init__(self, reader, step: int, bytes_before: int = 0):
-        self.reader, self.bytes_before = reader, bytes_before
+    def __init__(self, reader, step: int, bytes_before: int = 0, device="cpu"):
+        self.reader, self.bytes_before, self.device = reader, bytes_before, torch.device(device)
         self._reset(step)
 
     def _reset(self, step: int) -> None:
@@ -206,9 +201,19 @@ class _Window:
         return self.bytes_before + self.reader.bytes_read
 
     def take(self, step: int, batch_size: int) -> dict:
+        # The clock is read once the device has run every step queued: without the sync the
+        # window would end while the GPU still works on its last steps (~10% high), and the
+        # next window would be charged for them. The metrics line syncs right after anyway.
+        synchronize(self.device)
         seconds = max(time.perf_counter() - self.time, 1e-9)
         out = {"tokens_per_s": (step - self.step) * batch_size / seconds,
                "data_wait_fraction": (self.reader.wait_seconds - self.wait) / seconds,
                "bytes_read": self.bytes_read}
         self._reset(step)
         return out
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until a CUDA device has run everything queued on it (other devices: nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -15,11 +15,21 @@ import contextlib
 import torch
 
 from saecache.sae.archs import LossTerms, arch_of
-from saecache.sae.metrics import FiringStats, RunningMetrics
+from saecache.sae.metrics import FiringStats, RunningMetrics, fire_counts
 from saecache.sae.model import SAE, SAEConfig
 from saecache.sae.spec import RunSpec
 from saecache.train.config import TrainConfig
 from saecache.train.schedule import L1Controller, l1_factor, lr_factor
+
+
+def set_precision(precision: str) -> None:
+    """What TrainConfig.precision means for the fp32 matmuls (process-wide, as torch's flags
+    are): "tf32" lets CUDA run them on TF32 tensor cores; "fp32" and "bf16" keep them in full
+    fp32 (bf16's matmuls are autocast's, in SAETrainer.step). The training loop and the
+    training benchmark's on-device limit both set it through here, so they measure one step."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 class SAETrainer:
@@ -70,16 +80,24 @@ class SAETrainer:
     def _terms(self, step: int) -> LossTerms:
         if self.arch.penalised:
             self._l1_now = self.controller.coefficient * l1_factor(step, self.l1_warmup)
-        return LossTerms(self._l1_now, lambda: self.firing.dead_mask(self.cfg.dead_window),
-                         self.aux_k, self.cfg.aux_coeff)
+        return LossTerms(self._l1_now, self._dead, self.aux_k, self.cfg.aux_coeff)
+
+    def _dead(self) -> torch.Tensor | None:
+        """The dead mask, or None while fewer than dead_window tokens have been seen: then no
+        feature can be dead (FiringStats.dead_mask is all False), and the host knows it."""
+        window = self.cfg.dead_window
+        return self.firing.dead_mask(window) if self.firing.tokens_seen >= window else None
 
     @torch.no_grad()
     def _after_step(self, x, out, loss, lr: float, step: int) -> None:
-        acts = out.acts.detach()  # (B, F)
-        self.firing.update(acts)
+        # One pass over the (B, F) activations per step: the firing stats, the controller's L0
+        # and the metrics' nonzero count all come from these (F,) counts.
+        counts = fire_counts(out.acts.detach())  # (F,) int64
+        nonzero = counts.sum()  # scalar int64: B·L0
+        self.firing.add_counts(counts, x.shape[0])
         if self.controller.target is not None:  # fixed runs need no L0 per step
-            self.controller.update((acts != 0).sum(dim=-1).float().mean(), step)
-        self.metrics.update(x, out.x_hat.detach().float(), acts)  # sums on the device, no sync
+            self.controller.update(nonzero / x.shape[0], step)  # float32 mean L0
+        self.metrics.update(x, out.x_hat.detach(), nonzero=nonzero)  # sums on the device, no sync
         self._losses += torch.stack([torch.ones((), device=x.device), loss.loss.detach().float(),
                                      loss.aux.float()]).double()
         self._lr = lr
@@ -111,8 +129,9 @@ class SAETrainer:
         try:
             for part in x.split(rows):
                 out = self.sae(part)
-                metrics.update(part, out.x_hat, out.acts)
-                fired |= (out.acts != 0).any(dim=0)
+                counts = fire_counts(out.acts)  # (F,): one pass over the (rows, F) activations
+                metrics.update(part, out.x_hat, nonzero=counts.sum())
+                fired |= counts > 0
         finally:
             self.sae.train()
         m = metrics.summary()
