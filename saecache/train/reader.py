@@ -250,6 +250,13 @@ class _Staged(NamedTuple):
     """Recorded after the copies on the side stream (CUDA); the consumer's stream waits on it."""
 
 
+def copy_event() -> torch.cuda.Event:
+    """The event recorded after a group's copies. Blocking: a worker that waits on it before
+    refilling the buffer (``.synchronize()``) sleeps until the copy ends, where a default
+    event would spin a CPU core for the whole copy; the consumer's stream waits on it alike."""
+    return torch.cuda.Event(blocking=True)
+
+
 class StagingRing:
     """The host side of :class:`PrefetchReader`: a ring of host buffers, one group each, and
     the move of a filled buffer onto the device.
@@ -291,7 +298,7 @@ class StagingRing:
             # memory returns at once (the perm is pinned too, so its copy is async as well).
             rows = host.to(self.device, non_blocking=True)  # (group_rows, d)
             perm = perm.pin_memory().to(self.device, non_blocking=True)  # (group_rows,)
-            ready = torch.cuda.Event()
+            ready = copy_event()
             ready.record(self._side)
         # Allocated on the side stream but used on the consumer's: without record_stream the
         # caching allocator could hand the memory out again while consumer kernels still read it.
