@@ -53,8 +53,9 @@ class LossTerms(NamedTuple):
 
     l1: Tensor | float
     """The sparsity coefficient in force at this step, after its warm-up (penalised archs)."""
-    dead: Callable[[], Tensor]
-    """(F,) bool mask of dead features, computed only when asked for."""
+    dead: Callable[[], Tensor | None]
+    """(F,) bool mask of dead features, computed only when asked for; None while the host knows
+    that none can be dead yet (fewer tokens seen than the dead window: AuxK is skipped)."""
     aux_k: int
     """AuxK: dead features used to model the residual error."""
     aux_coeff: float
