@@ -331,8 +331,6 @@ def test_the_bench_limit_sets_the_precision_the_loop_sets(monkeypatch, restore_t
         sys.path.pop(0)
     seen = []
     monkeypatch.setattr(bench_train, "set_precision", seen.append)
-    monkeypatch.setattr(loop, "set_precision", seen.append)
-    assert bench_train.set_precision is not None and loop.train.__module__ == "saecache.train.loop"
     cache = types.SimpleNamespace(location="unused", layout=types.SimpleNamespace(d=D))
     args = types.SimpleNamespace(expansion=4, batch_size=B, reader_threads=1, mix_chunks=1,
                                  device="cpu")
