@@ -194,6 +194,7 @@ def fake_group(monkeypatch):
 
 def test_nccl_ranks_take_their_own_gpu_before_joining(fake_group, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     group = distributed.ranks()
     assert group == Ranks(rank=1, world=2, local_rank=1)
     assert fake_group == [("set_device", 1), ("init", "nccl", torch.device("cuda", 1))]
@@ -202,10 +203,21 @@ def test_nccl_ranks_take_their_own_gpu_before_joining(fake_group, monkeypatch):
 
 def test_device_id_is_passed_only_where_torch_takes_it(fake_group, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(dist, "init_process_group",
                         lambda backend, timeout=None: fake_group.append(("init", backend)))
     distributed.ranks()
     assert fake_group == [("set_device", 1), ("init", "nccl")]
+
+
+def test_a_rank_without_a_gpu_of_its_own_is_refused_before_joining(fake_group, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SaecacheError) as err:
+        distributed.ranks()
+    assert str(err.value) == ("torchrun started local rank 1 but 1 GPU(s) are visible: "
+                              "pass --nproc-per-node 1 or fewer")
+    assert fake_group == []
 
 
 def test_gloo_ranks_touch_no_gpu(fake_group, monkeypatch):

@@ -91,6 +91,10 @@ def _join(local_rank: int) -> None:
     if not torch.cuda.is_available():
         dist.init_process_group("gloo", timeout=TIMEOUT)
         return
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:
+        raise SaecacheError(f"torchrun started local rank {local_rank} but {gpus} GPU(s) are visible: "
+                            f"pass --nproc-per-node {gpus} or fewer")
     torch.cuda.set_device(local_rank)
     bind = {}
     if "device_id" in inspect.signature(dist.init_process_group).parameters:  # newer torch only
