@@ -10,6 +10,10 @@ weights, built locally: `tiny` (the demo's GPT-NeoX) or `pythia-410m` (its exact
     python benchmarks/bench_harvest.py --shape tiny --dir /tmp --dir /dev/shm
     python benchmarks/bench_harvest.py --shape pythia-410m --ctx 2048 --tokens 2M --device cuda \
         --dir /tmp --dir /dev/shm
+
+`--stats` times only the per-sequence statistics of one (8, 2048, 1024) batch (one layer's
+share of a forward): storage.stats.sequence_sums against the plain implementation it replaced
+(kept in tests/test_harvest_fastpath.py), best of `--repeat`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +36,7 @@ from saecache.harvest.loop import harvest
 from saecache.harvest.models import DTYPES
 from saecache.demo.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model
 from saecache.core.units import parse_count
+from saecache.storage import stats
 
 SHAPES = {
     "tiny": None,
@@ -112,6 +118,27 @@ def run_harvest(model: Path, text: Path, folder: Path, args) -> tuple[float, flo
             per_token, lay.rows_per_block * lay.d * 2, result.bytes_written)
 
 
+def time_stats(device: str, dtype: str, repeat: int, shape=(8, 2048, 1024)) -> dict:
+    """Best-of-``repeat`` seconds of the old and new per-sequence statistics on one batch."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.test_harvest_fastpath import reference_sequence_sums
+
+    x = torch.randn(shape, device=device).to(DTYPES[dtype])
+    best = {}
+    for name, fn in (("old", reference_sequence_sums), ("new", stats.sequence_sums)):
+        fn(x)  # warm-up
+        times = []
+        for _ in range(repeat):
+            sync(device)
+            start = time.perf_counter()
+            fn(x)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        best[name] = min(times)
+    return dict(shape=list(shape), device=device, dtype=dtype, old_s=best["old"], new_s=best["new"],
+                speedup=best["old"] / best["new"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="tiny")
@@ -124,7 +151,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--stats", action="store_true", help="time the statistics kernels only")
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    if args.stats:
+        r = time_stats(args.device, args.dtype, args.repeat)
+        print(f"stats {tuple(r['shape'])} {r['dtype']} on {r['device']} "
+              f"(threads={torch.get_num_threads()}): old {1e3 * r['old_s']:.1f} ms, "
+              f"new {1e3 * r['new_s']:.1f} ms, old/new {r['speedup']:.2f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args.shape, Path(tmp))
         text = make_text(Path(tmp), args.tokens)

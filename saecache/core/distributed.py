@@ -7,6 +7,7 @@ train: layers) through torch.distributed — gloo on the CPU, NCCL on GPUs — a
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,8 +40,15 @@ class Ranks:
         return items[self.rank::self.world]
 
     def device(self, device: str) -> str:
-        """Each rank on its own GPU: ``cuda`` becomes ``cuda:LOCAL_RANK``."""
-        return f"cuda:{self.local_rank}" if device == "cuda" and self.world > 1 else device
+        """Each rank on its own GPU: ``cuda`` becomes ``cuda:LOCAL_RANK`` (the device
+        :func:`ranks` made current); a GPU named by index is refused under torchrun."""
+        if self.world == 1 or not device.startswith("cuda"):
+            return device
+        if device != "cuda":
+            raise SaecacheError(f"--device {device} under torchrun: each rank uses its own GPU, "
+                                f"cuda:LOCAL_RANK; pass --device cuda (choose GPUs with "
+                                f"CUDA_VISIBLE_DEVICES)")
+        return f"cuda:{self.local_rank}"
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -68,7 +76,27 @@ def ranks() -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=TIMEOUT)
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        _join(local_rank)
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _join(local_rank: int) -> None:
+    """Join the process group: NCCL on this rank's own GPU when there are GPUs, else gloo.
+
+    NCCL runs its collectives (barrier, broadcast_object_list) on the current device: without
+    set_device every rank's would land on cuda:0 and hang or fail there.
+    """
+    if not torch.cuda.is_available():
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+        return
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:
+        raise SaecacheError(f"torchrun started local rank {local_rank} but {gpus} GPU(s) are visible: "
+                            f"pass --nproc-per-node {gpus} or fewer")
+    torch.cuda.set_device(local_rank)
+    bind = {}
+    if "device_id" in inspect.signature(dist.init_process_group).parameters:  # newer torch only
+        bind["device_id"] = torch.device("cuda", local_rank)
+    dist.init_process_group("nccl", timeout=TIMEOUT, **bind)

@@ -3,14 +3,16 @@
 On CUDA each block's output is copied device → pinned host memory on a side stream, so the
 copy of block L overlaps the compute of block L+1; ``record_stream`` keeps the caching
 allocator from reusing the output's memory before its copy has run. The writer threads wait
-on one CUDA event per unit before they read the host buffer. On the CPU the same hooks copy
-synchronously.
+on one blocking CUDA event per unit (they sleep, not spin) before they read the host buffer.
+Token ids go up through a pinned staging tensor per buffer, asynchronously, so the host queues
+the next forward while the GPU runs. On the CPU the same hooks copy synchronously.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +32,8 @@ class HostBuffer:
     """(n_layers, rows, d) float16; pinned when the model is on CUDA."""
     sums: torch.Tensor
     """(n_layers, seqs, d + 4) float32: per-sequence statistics (storage.stats)."""
+    ids: torch.Tensor | None = None
+    """(seqs, ctx) int32 pinned staging for the unit's token ids on CUDA (None on the CPU)."""
     ready: torch.cuda.Event | None = None
     """Recorded on the copy stream after the unit's last copy (None on the CPU)."""
 
@@ -37,11 +41,12 @@ class HostBuffer:
     def allocate(cls, n_layers: int, seqs: int, ctx: int, d: int, pin: bool) -> HostBuffer:
         resid = torch.empty((n_layers, seqs * ctx, d), dtype=torch.float16, pin_memory=pin)
         sums = torch.empty((n_layers, seqs, stats.width(d)), dtype=torch.float32, pin_memory=pin)
-        return cls(resid, sums)
+        ids = torch.empty((seqs, ctx), dtype=torch.int32, pin_memory=True) if pin else None
+        return cls(resid, sums, ids)
 
     @property
     def nbytes(self) -> int:
-        return self.resid.nbytes + self.sums.nbytes
+        return sum(t.nbytes for t in (self.resid, self.sums, self.ids) if t is not None)
 
     def wait(self) -> None:
         """Block the calling (writer) thread until the unit's copies have landed."""
@@ -62,6 +67,22 @@ class ResidualCapture:
         # Blocks past the last wanted one are skipped; the final norm and LM head never run.
         self.stop_at = max(layers) if max(layers) < len(self.blocks) - 1 else None
 
+    def upload(self, tokens: np.ndarray, buffer: HostBuffer) -> torch.Tensor:
+        """tokens (S, ctx) int32 → the same ids on the model's device, without a host wait.
+
+        On CUDA they are copied into ``buffer``'s pinned staging tensor and sent with a
+        non-blocking copy on the compute stream. The staging tensor is overwritten only after
+        the buffer's last ready event: recorded on the copy stream behind the unit's forward,
+        it follows the previous upload from it (a no-op wait once the writer has waited).
+        """
+        ids = torch.from_numpy(tokens)
+        if not self.cuda:
+            return ids
+        buffer.wait()
+        staging = buffer.ids[:len(ids)]
+        staging.copy_(ids)
+        return staging.to(self.device, non_blocking=True)
+
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, buffer: HostBuffer, seq0: int) -> None:
         """Forward input_ids (B, T) and copy each wanted block's output into ``buffer``
@@ -81,7 +102,7 @@ class ResidualCapture:
     def finish(self, buffer: HostBuffer) -> None:
         """Mark the unit's copies so writer threads can wait for them (CUDA)."""
         if self.cuda:
-            buffer.ready = torch.cuda.Event()
+            buffer.ready = torch.cuda.Event(blocking=True)  # the writers sleep on it, not spin
             buffer.ready.record(self.copy_stream)
 
     def _hook(self, index: int, layer: int, buffer: HostBuffer, seq0: int):

@@ -16,7 +16,6 @@ import logging
 from contextlib import ExitStack
 
 import numpy as np
-import torch
 
 from saecache.core.distributed import ranks
 from saecache.core.progress import Progress
@@ -40,6 +39,7 @@ def harvest(cfg: HarvestConfig) -> HarvestResult:
     finishes the cache and releases the lock.
     """
     group = ranks()
+    device = group.device(cfg.device)  # cuda:LOCAL_RANK under torchrun; refused before any work
     config = load_config(cfg.model, cfg.revision)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     provenance, layout = describe(cfg, config, tokenizer)
@@ -55,16 +55,16 @@ def harvest(cfg: HarvestConfig) -> HarvestResult:
         cache = Cache.open(cfg.cache, writable=True, storage_options=cfg.storage_options)
         if cache.complete:
             return HarvestResult(cache, 0, 0, 0.0, was_complete=True)
-        return _harvest_pending(cfg, group, cache)
+        return _harvest_pending(cfg, group, cache, device)
 
 
-def _harvest_pending(cfg: HarvestConfig, group, cache: Cache) -> HarvestResult:
+def _harvest_pending(cfg: HarvestConfig, group, cache: Cache, device: str) -> HarvestResult:
     """Forward this rank's share of the uncommitted blocks; rank 0 finishes the cache."""
     pending = [int(b) for b in np.flatnonzero(~cache.committed())]
     units = group.mine(units_of(cache.layout, pending, cfg.batch_size))
     result = HarvestResult(cache, 0, 0, 0.0)
     if units:
-        model = load_model(cfg.model, cfg.revision, cfg.dtype, group.device(cfg.device))
+        model = load_model(cfg.model, cfg.revision, cfg.dtype, device)
         label = "harvest" if group.world == 1 else f"harvest (rank {group.rank})"
         result = _run_blocks(cfg, cache, model, units, set(pending), label)
     group.barrier()
@@ -117,9 +117,9 @@ def _forward_unit(cfg, cache: Cache, capture: ResidualCapture, writer: BlockWrit
     """Forward every sequence of one unit, then hand its pending blocks to the writer."""
     layout = cache.layout
     seqs = range(layout.block_seqs(unit[0]).start, layout.block_seqs(unit[-1]).stop)
-    # a missing or corrupt tokens chunk is refused by the cache's store, naming it: never zeros
-    ids = torch.from_numpy(cache.tokens[seqs.start:seqs.stop]).to(capture.device)  # (S, ctx)
     buffer = writer.acquire()
+    # a missing or corrupt tokens chunk is refused by the cache's store, naming it: never zeros
+    ids = capture.upload(cache.tokens[seqs.start:seqs.stop], buffer)  # (S, ctx) int32, on the device
     for start in range(0, len(seqs), cfg.batch_size):
         batch = ids[start:start + cfg.batch_size].long()  # (B, ctx)
         capture.run(batch, buffer, start)
