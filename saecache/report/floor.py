@@ -127,8 +127,8 @@ def floor_summary_figure(runs: list[RunData], metric: str = "mse") -> Figure:
         groups.setdefault(run.family, []).append(run)
     cols = min(max(len(groups), 1), 4)
     rows = math.ceil(max(len(groups), 1) / cols)
-    tallest = max((len(g) for g in groups.values()), default=3)
-    fig = Figure(figsize=(max(3.4 * cols, 8), 1.6 + rows * (0.9 + 0.2 * max(tallest, 3))),
+    tallest = max((len(g) for g in groups.values()), default=1)  # rows of the tallest panel
+    fig = Figure(figsize=(max(3.4 * cols, 8), 1.5 + rows * (0.8 + 0.22 * tallest)),
                  layout="constrained")
     axes = fig.subplots(rows, cols, sharex=True, squeeze=False).ravel()
     for ax in axes[len(groups):]:

@@ -120,7 +120,7 @@ def _draw_column(fig, ax, column: Column, values: np.ndarray) -> None:
         ax.set_xlabel(f"{column.heading}:\nnot measured", fontsize=8)
         return
     bar = fig.colorbar(image, ax=ax, location="bottom", ticks=_ticks(column, norm, values),
-                       extend=_extend(norm, values), aspect=12)
+                       extend=_extend(norm, values), aspect=12, pad=0.01)
     bar.set_label(column.label, fontsize=8)
     bar.ax.set_xticklabels([fmt(t, column.spec) for t in bar.get_ticks()], fontsize=7)
 
