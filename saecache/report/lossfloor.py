@@ -100,8 +100,11 @@ class LossFloorFit(NamedTuple):
            10% leaves room for the learning-rate decay, which bends the measured curve about
            5% below the power law at the end of a run (docs/loss-floor.md).
 
-        These are exactly the failures the fit can detect from its own data; an unusable fit is
-        flagged in its plot and table and left out of the summary's median and plot.
+        A fit "outside the data" needs no rule of its own: the least squares keeps L∞ inside the
+        fitted values, and a prediction that leaves the measured range misses the held-back
+        points, which is rule 3. These are the failures the fit can detect from its own data;
+        an unusable fit is flagged in its plot and table and left out of the summary's median
+        and plot.
         """
         if self.a == 0:
             return f"flat fit, the {self.metric} did not fall"
