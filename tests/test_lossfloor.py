@@ -69,12 +69,12 @@ def test_constraints_hold_on_a_rising_curve():
 
 def test_too_few_points_raises_naming_the_run():
     tokens = np.array([1e3, 2e3, 3e3, 4e3, 8e3, 1e4])  # 3 points in (10%, 60%]
-    with pytest.raises(ValueError, match="layer05-relu-x32.*only 3 loss points"):
+    with pytest.raises(ValueError, match="layer05-relu-x32.*only 3 mse points"):
         fit_loss_floor(tokens, power_law(tokens), run="layer05-relu-x32")
 
 
 def test_no_points_raises():
-    with pytest.raises(ValueError, match="no loss points"):
+    with pytest.raises(ValueError, match="no mse points"):
         fit_loss_floor([], [], run="r")
 
 
@@ -103,7 +103,7 @@ def test_train_curve_rejects_unknown_metric():
 
 
 def test_fit_options_defaults_ranges_and_help():
-    assert FitOptions() == FitOptions(metric="loss", cutoff=0.6, skip=0.1)
+    assert FitOptions() == FitOptions(metric="mse", cutoff=0.6, skip=0.1)  # as the demo
     rules = {f.name: rule_of(f) for f in dataclasses.fields(FitOptions)}
     assert rules["metric"].choices == ("loss", "mse", "fvu")
     assert (rules["cutoff"].min, rules["cutoff"].min_open, rules["cutoff"].max) == (0, True, 1)

@@ -28,7 +28,7 @@ def make_run(root: Path, family: str, layer: int, *, points: int = 40, metrics: 
     run = root / (folder or f"layer{layer:02d}-{family}")
     run.mkdir(parents=True)
     spec = {"layer": layer, "expansion": 32, "l1": None, "target_l0": None, "k": None, **SPECS[family]}
-    config = {"spec": spec, "train": {"lr_decay": 0.2}, "cache": {"model": "tiny-neox"}, "scale": 1.0,
+    config = {"spec": spec, "train": {"lr_decay": 0.2}, "cache": {"model": "tiny-neox", "d": 1024}, "scale": 1.0,
               "cache_location": "cache.zarr"}
     (run / "run.json").write_text(json.dumps(config))
     if metrics:
@@ -122,9 +122,9 @@ def test_eval_values_appear_in_the_heatmap_table(report):
     summary = (report / "summary.md").read_text()
     table = summary.split(f"**{FAMILY}: heatmap values**")[1].split("##")[0]
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    for layer in ("0", "1"):  # from eval.json: FVU 0.1234, L0 77, dead 25%, CE 0.875
-        assert "| 0.123 | 77.0 | 25.0 | 0.875 | eval.json (sae_layer" in rows[layer]
-    assert "| 0.044 | 103.0 | 3.0 | — | held-out |" in rows["3"]  # held-out final line
+    for layer in ("0", "1"):  # from eval.json: FVU 0.1234, L0 77, dead 25%, dense 0, CE 0.875, KL 0.1
+        assert "| 32,768 | 0.123 | 77.0 | 25.0 | 0.0 | 0.875 | 0.1 | eval.json (sae_layer" in rows[layer]
+    assert "| 32,768 | 0.044 | 103.0 | 3.0 | — | — | — | held-out |" in rows["3"]  # held-out line
     assert "0.875" in (report / "index.html").read_text()
     assert "saecache eval" in summary  # CE missing for the others, and how to add it
 
@@ -135,14 +135,15 @@ def test_run_without_metrics_or_too_few_points_is_reported_not_fatal(report):
     assert "no metrics yet" in row7
     assert f"layer07-{LONE}" in summary.split("Left out (no metrics yet):")[1].splitlines()[0]
     row3 = next(l for l in summary.splitlines() if l.startswith(f"| layer03-{LONE} |"))
-    assert "no loss-floor fit: only 2 loss points" in row3
+    assert "no loss-floor fit: only 2 mse points" in row3  # mse: the default metric
 
 
 def test_fits_are_tabulated(report):
     summary = (report / "summary.md").read_text()
     row = next(l for l in summary.splitlines() if l.startswith(f"| layer05-{FAMILY} |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    l_inf, alpha, mape = float(cells[10]), float(cells[11]), float(cells[12].rstrip("%"))
+    assert cells[4] == "32,768"  # F = 32 × 1024
+    l_inf, alpha, mape = float(cells[13]), float(cells[14]), float(cells[15].rstrip("%"))
     assert l_inf == pytest.approx(0.12, rel=0.2) and alpha == pytest.approx(0.5, rel=0.2)
     assert 0 < mape < 5  # the LR decay pulls the measured loss below the prediction
 

@@ -1,5 +1,7 @@
 """`write_report` on the runs saecache 0.1.0 wrote: summary.md is what that release's report wrote,
-plus the λ_Anthropic column added since (docs/l1-units.md; d·l1 for a 0.1.0 run)."""
+plus what was added since: the λ_Anthropic column (docs/l1-units.md; d·l1 for a 0.1.0 run); F,
+dense % and KL (from the release's eval.json) in both tables; the mse fit by default (as the
+demo) and the rule for unusable fits (issue 12). Every value the release wrote is unchanged."""
 
 from __future__ import annotations
 

@@ -52,8 +52,9 @@ def _markdown_table(table: Table) -> str:
 
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1500px}"
         "img{max-width:100%;border:1px solid #ddd}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+        "td{white-space:nowrap}td:last-child{white-space:normal;min-width:14em}"  # names on one line
         "td:first-child,td:last-child{text-align:left}"
         "caption{text-align:left;font-weight:bold;padding:4px 0}")
 

@@ -81,9 +81,13 @@ def plain_log_labels(axis, lo: float, hi: float) -> None:
         axis.set_minor_formatter(NullFormatter())
 
 
-def family_legend(fig: Figure, colours: dict[str, str], extra: list | None = None) -> None:
-    """A legend below the subplots: a line per family, then ``extra`` handles."""
-    handles = [Line2D([], [], color=c, lw=2, label=name) for name, c in colours.items()]
+def family_legend(fig: Figure, colours: dict[str, str], extra: list | None = None,
+                  labels: dict[str, str] | None = None) -> None:
+    """A legend below the subplots: a line per family (``labels[name]`` if given), then ``extra``
+    handles; no legend when there is nothing to name."""
+    labels = labels or {}
+    handles = [Line2D([], [], color=c, lw=2, label=labels.get(name, name))
+               for name, c in colours.items()]
     handles += extra or []
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3),

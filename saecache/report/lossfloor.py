@@ -23,6 +23,8 @@ from saecache.core.settings import setting, validate
 METRICS = ("loss", "mse", "fvu")
 MIN_POINTS = 4  # 3 parameters: fewer points leave nothing to judge the fit by
 ALPHA_MAX = 3.0
+ALPHA_EDGE = 0.01  # α this close to 0 or to ALPHA_MAX: the search hit an end of its range
+MAPE_LIMIT = 10.0  # percent: a held-back MAPE above this makes a fit unusable (see unusable)
 _ALPHA_GRID = np.linspace(ALPHA_MAX / 600, ALPHA_MAX, 600)  # step 0.005, then refined
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 
@@ -31,7 +33,7 @@ _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 class FitOptions:
     """How the report fits each run's loss floor (see :func:`fit_loss_floor`)."""
 
-    metric: str = setting("loss", choices=METRICS)
+    metric: str = setting("mse", choices=METRICS)
     """Training curve the loss-floor fit uses (mse/fvu suit adaptive-L1 runs better)."""
     cutoff: float = setting(0.6, min=0, max=1, min_open=True)
     """Fit the curve up to this fraction of tokens and predict the rest."""
@@ -82,6 +84,35 @@ class LossFloorFit(NamedTuple):
         """L(T) at ``tokens`` (a number or an array of token counts > 0)."""
         t = np.asarray(tokens, dtype=np.float64)
         return self.l_inf + self.a * t ** (-self.alpha)
+
+    @property
+    def unusable(self) -> str | None:
+        """Why this fit must not be trusted (None when it may): the first rule that holds of
+
+        1. ``a == 0``, a flat fit: the metric did not fall over the fitted window (a rising or
+           noisy curve); L∞ is then only the window's mean and predicts nothing;
+        2. α within ALPHA_EDGE of 0 or of ALPHA_MAX: the search ran into an end of its range.
+           Near 0, T^(−α) is nearly constant over the data, so L∞ and A trade off freely and
+           L∞ is not determined; near ALPHA_MAX the curve is a step the power law cannot
+           follow (too few or too noisy points);
+        3. held-back MAPE > MAPE_LIMIT (10%): the fit's one job is to predict the points it did
+           not see; missing them by more than 10% on average, it cannot be trusted further out.
+           10% leaves room for the learning-rate decay, which bends the measured curve about
+           5% below the power law at the end of a run (docs/loss-floor.md).
+
+        A fit "outside the data" needs no rule of its own: the least squares keeps L∞ inside the
+        fitted values, and a prediction that leaves the measured range misses the held-back
+        points, which is rule 3. These are the failures the fit can detect from its own data;
+        an unusable fit is flagged in its plot and table and left out of the summary's median
+        and plot.
+        """
+        if self.a == 0:
+            return f"flat fit, the {self.metric} did not fall"
+        if self.alpha < ALPHA_EDGE or self.alpha > ALPHA_MAX - ALPHA_EDGE:
+            return f"α = {self.alpha:.3g} at an end of (0, {ALPHA_MAX:g}]"
+        if self.holdout_mape > MAPE_LIMIT:
+            return f"MAPE {self.holdout_mape:.1f}% > {MAPE_LIMIT:g}%"
+        return None
 
     @property
     def final_tokens(self) -> float:

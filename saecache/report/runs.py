@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from saecache.core.errors import SaecacheError
 from saecache.report.formatting import number
-from saecache.report.lossfloor import ALPHA_MAX, FitOptions, LossFloorFit, fit_loss_floor, train_curve
+from saecache.report.lossfloor import FitOptions, LossFloorFit, fit_loss_floor, train_curve
 from saecache.train.runfolder import EVAL_FILE, METRICS_FILE, RUN_FILE, RunFolder, snapshot_name
 
 EVAL_HINT = "run `saecache eval RUNS` to add it"
@@ -27,7 +27,11 @@ class FinalMetrics(NamedTuple):
     l0: float
     mse: float
     dead_fraction: float
+    dense_fraction: float
+    """NaN without eval.json (held-out lines do not measure it)."""
     ce_loss_recovered: float
+    """NaN without eval.json."""
+    kl: float
     """NaN without eval.json."""
     source: str
     """Where they come from: ``eval.json (sae_layer05_final.pt)`` or ``held-out``."""
@@ -45,6 +49,10 @@ class RunData(NamedTuple):
     """Layer from run.json (from the folder name if run.json is unreadable; -1 if neither)."""
     model: str | None
     """The model whose residuals the SAE was trained on (run.json's cache.model)."""
+    n_features: int | None
+    """F = expansion × d (run.json's spec and cache); None if unreadable."""
+    target_l0: float | None
+    """The adaptive L1's target L0 (``--l1 adaptive:T``), None for a fixed coefficient."""
     lr_decay: float | None
     """Fraction of steps, at the end, over which the learning rate decays to 0."""
     l1_anthropic: float | None
@@ -84,36 +92,36 @@ class RunData(NamedTuple):
             source, values = f"eval.json ({self.eval_snapshot})", self.eval
         else:
             source, values = "held-out", self.final_heldout
-        return FinalMetrics(*(number(values.get(key)) for key in
-                              ("fvu", "l0", "mse", "dead_fraction", "ce_loss_recovered")), source)
+        return FinalMetrics(*(number(values.get(key)) for key in FinalMetrics._fields[:-1]), source)
 
 
 def load_run(folder: RunFolder, options: FitOptions = FitOptions()) -> RunData:
     """Read run.json, metrics.jsonl and eval.json of one run and fit its loss floor."""
     notes: list[str] = []
-    family, layer, model, lr_decay, lam = _read_record(folder, notes)
+    family, layer, model, features, target, lr_decay, lam = _read_record(folder, notes)
     train, heldout = _read_lines(folder, notes)
     eval_snapshot, record = _read_eval(folder, layer, notes)
     fit = _fit(folder.name, train, options, notes)
     lam = train[-1].get("l1_anthropic", lam) if train else lam
-    return RunData(folder.name, folder.dir, family, layer, model, lr_decay, lam, train, heldout,
-                   eval_snapshot, record, fit, tuple(notes))
+    return RunData(folder.name, folder.dir, family, layer, model, features, target, lr_decay, lam,
+                   train, heldout, eval_snapshot, record, fit, tuple(notes))
 
 
-def _read_record(folder: RunFolder, notes: list[str]) -> tuple[str, int, str | None, float | None,
-                                                              float | None]:
-    """(family, layer, model, lr_decay, λ_Anthropic) from run.json; from the folder name if
-    unreadable."""
+def _read_record(folder: RunFolder, notes: list[str]) -> tuple:
+    """(family, layer, model, F, target L0, lr_decay, λ_Anthropic) from run.json; family and
+    layer from the folder name (the rest None) if unreadable."""
     try:
         record = folder.record()
         spec = record.spec
-        return (spec.family, int(spec.layer), record.cache.get("model"), record.train.get("lr_decay"),
-                record.l1_anthropic)
+        d = record.cache.get("d")
+        features = int(spec.expansion) * int(d) if isinstance(d, int) else None
+        return (spec.family, int(spec.layer), record.cache.get("model"), features, spec.target_l0,
+                record.train.get("lr_decay"), record.l1_anthropic)
     except _UNREADABLE as err:
         notes.append(f"{RUN_FILE} unreadable ({err}); layer taken from the folder name")
     match = _LAYER_PREFIX.match(folder.name)
     family, layer = (match.group(2), int(match.group(1))) if match else (folder.name, -1)
-    return family, layer, None, None, None
+    return family, layer, None, None, None, None, None
 
 
 def _read_lines(folder: RunFolder, notes: list[str]) -> tuple[list[dict], list[dict]]:
@@ -154,10 +162,8 @@ def _fit(name: str, train: list[dict], options: FitOptions, notes: list[str]) ->
     except ValueError as err:
         notes.append(f"no loss-floor fit: {str(err).removeprefix(name + ': ')}")
         return None
-    if fit.a == 0:
-        notes.append(f"flat loss-floor fit: the {options.metric} did not fall over the fitted window")
-    elif fit.alpha >= ALPHA_MAX - 1e-3:
-        notes.append(f"α at its bound {ALPHA_MAX:g}: too few or too noisy points to trust L∞")
+    if fit.unusable:
+        notes.append(f"loss-floor fit unusable: {fit.unusable}")
     return fit
 
 
