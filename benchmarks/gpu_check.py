@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import shutil
@@ -58,6 +57,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
+import zarr  # noqa: E402
 
 # raw_write: plain sequential writes of chunk-sized files (to be replaced by bench_writer's raw
 # write, the best plain writes can do, once that exists: the limit must be the fairest one)
@@ -155,8 +156,9 @@ class Report:
 
 def machine(device: str) -> dict:
     """What the figures were measured on."""
-    out = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
-           "cpus": os.cpu_count(), "host": platform.node()}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "zarr": zarr.__version__,
+           "transformers": transformers.__version__, "device": device, "cpus": os.cpu_count(),
+           "host": platform.node()}
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(torch.device(device))
         out.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -391,9 +393,10 @@ def training(shapes: Shapes, work: Path, device: str, budget: Budget) -> dict:
 
 def train_row(cache, bench, precision: str, l1: tuple[str, ...], steps: int, limit_steps: int) -> dict:
     tok_s, whole_tok_s, wait, nbytes = from_cache(cache, bench, precision, l1, steps)
-    # bench_train.limit sets no matmul precision of its own: it runs under what train() just set
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    # the loop first: train() sets the matmul precision, so a limit that sets none of its own
+    # runs under the same; the flag is recorded, as the limit left it, to show which it was
     lim = limit(cache, bench, precision, l1, min(steps, limit_steps))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     target = TARGETS["train"] if precision in ("tf32", "bf16") else None
     return {"precision": precision, "runs": len(l1), "status": "ok", "limit_tok_s": lim,
             "train_tok_s": tok_s, "whole_tok_s": whole_tok_s, "ratio": tok_s / lim, "target": target,
@@ -556,7 +559,7 @@ def run_all(args, report: Report, budget: Budget, work: Path, disk: Path) -> Non
     s = shapes
     run_section(report, budget, "harvest_identity", 20 if not args.quick else 5,
                 lambda: harvest_identity(s, work, device), device)
-    run_section(report, budget, "cuda_tests", 30, lambda: cuda_tests(budget, device), device)
+    run_section(report, budget, "cuda_tests", 45, lambda: cuda_tests(budget, device), device)
     run_section(report, budget, "sync_debug", 2 * len(ARCHS) * len(PRECISIONS) * 0.5 + 2,
                 lambda: sync_debug(s, work, device), device)
     train_bytes = s.train_blocks * s.train_chunk_rows * s.train_d * 2

@@ -56,7 +56,7 @@ def test_gpu_check_quick_on_cpu_writes_every_section(tmp_path):
         r = sections[name]
         assert r["status"] == "ok" and r["bound"] in ("forward", "write")
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("ratio", "forward_tok_s", "raw_write_bytes_s"))
-        assert r["bytes_written"] == r["tokens"] * 3 * 64 * 2  # every layer of the tiny model
+        assert r["bytes_written"] >= r["tokens"] * 3 * 64 * 2  # every layer of the tiny model
         assert r["ratio"] == r["harvest_tok_s"] / r["limit_tok_s"]
     assert sections["harvest_disk"]["dir"].startswith(str(disk))
     assert list(disk.iterdir()) == []  # its temporary folder is removed
@@ -103,12 +103,16 @@ def test_differing_files_names_a_changed_chunk_and_a_missing_one(cache_path, tmp
 def test_cuda_tests_section_reads_what_pytest_reports(tmp_path, monkeypatch):
     tests = tmp_path / "test_stub.py"  # -k cuda selects by test and module name
     monkeypatch.setattr(gpu_check, "CUDA_TEST_FILES", (str(tests),))
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # seconds saved; the stub needs none
     budget = gpu_check.Budget(120)
     tests.write_text("import pytest\n\ndef test_cuda_one():\n    pass\n\n"
                      "@pytest.mark.skip(reason='needs CUDA')\ndef test_cuda_two():\n    pass\n\n"
                      "def test_other():\n    pass\n")
     passed = gpu_check.cuda_tests(budget, "cuda")
     assert passed["status"] == "ok" and passed["summary"].startswith("1 passed, 1 skipped, 1 deselected")
+    tests.write_text("import pytest\n\n@pytest.mark.skip(reason='needs CUDA')\ndef test_cuda_one():\n    pass\n")
+    skipped = gpu_check.cuda_tests(budget, "cuda")
+    assert skipped["status"] == "skipped" and "needs CUDA" in skipped["reason"]
     tests.write_text("def test_cuda_one():\n    assert False\n")
     failed = gpu_check.cuda_tests(budget, "cuda")
     assert failed["status"] == "fail" and failed["returncode"] == 1 and "1 failed" in failed["summary"]
