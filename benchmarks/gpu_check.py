@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py --out gpu_check.json          # an H100/H200, ≤ 6 minutes
     python benchmarks/gpu_check.py --device cpu --quick          # tiny shapes: the script itself
+    python benchmarks/gpu_check.py --quick                       # the same on the GPU: a first try
 
 Writes one JSON (--out) and prints a short table. Sections, in this order, each skipped with
 its reason when the time budget (--budget, 330 s) cannot hold its estimate, each recording its
@@ -492,9 +493,13 @@ class HarvestRatio:
 
 def harvest_ram(ratio: HarvestRatio, ram: Path | None) -> dict:
     if ram is None:
-        return {"status": "skipped", "reason": "no /dev/shm on this machine"}
+        return {"status": "skipped", "reason": "no writable /dev/shm with 8 GiB free on this machine"}
     ratio.prepare()
-    return ratio.measure(ram, fitting_tokens(ratio, ram, ratio.shapes.ratio_tokens))
+    tokens = fitting_tokens(ratio, ram, ratio.shapes.ratio_tokens)
+    if tokens == 0:
+        return {"status": "skipped", "reason": f"{ram} has {shutil.disk_usage(ram).free / 2**30:.1f} "
+                                               "GiB free, too little for one batch"}
+    return ratio.measure(ram, tokens)
 
 
 def harvest_disk(ratio: HarvestRatio, disk: Path, budget: Budget) -> dict:
@@ -553,10 +558,8 @@ def start_watchdog(report: Report, budget: Budget, cleanup) -> threading.Timer:
     return timer
 
 
-def run_all(args, report: Report, budget: Budget, work: Path, disk: Path) -> None:
-    shapes, device = QUICK if args.quick else Shapes(), args.device
-    ram = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
-    s = shapes
+def run_all(args, report: Report, budget: Budget, work: Path, ram: Path | None, disk: Path) -> None:
+    s, device = QUICK if args.quick else Shapes(), args.device
     run_section(report, budget, "harvest_identity", 20 if not args.quick else 5,
                 lambda: harvest_identity(s, work, device), device)
     run_section(report, budget, "cuda_tests", 45, lambda: cuda_tests(budget, device), device)
@@ -582,15 +585,28 @@ def parse_args(argv=None):
     parser.add_argument("--writer-threads", type=int,
                         default=HarvestConfig.__dataclass_fields__["writer_threads"].default,
                         help="harvest writer threads [default: HarvestConfig's]")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here; "
+                     "check the script itself with --device cpu --quick")
+    return args
+
+
+def ram_folder(quick: bool) -> Path | None:
+    """/dev/shm when it is there, writable and holds the models and small caches (≥ 8 GiB
+    free, 0.2 for --quick), else None (the system's temporary folder is used instead)."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        return None
+    return shm if shutil.disk_usage(shm).free >= (0.2 if quick else 8) * 2**30 else None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget, START if __name__ == "__main__" else None)
     report = Report(Path(args.out), args)
-    ram_root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    work = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=ram_root))  # models, small caches, runs
+    ram = ram_folder(args.quick)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=ram))  # models, small caches, runs
     disk = Path(tempfile.mkdtemp(prefix="gpu_check-disk-", dir=args.disk_dir or os.getcwd()))
     tempfile.tempdir = str(work)  # bench_train's run folders go to RAM too
 
@@ -600,7 +616,7 @@ def main(argv=None) -> int:
 
     watchdog = start_watchdog(report, budget, cleanup)
     try:
-        run_all(args, report, budget, work, disk)
+        run_all(args, report, budget, work, ram, disk)
     finally:
         watchdog.cancel()
         cleanup()
