@@ -539,9 +539,10 @@ def table(report: Report) -> str:
     return "\n".join(lines)
 
 
-def start_watchdog(report: Report, budget: Budget, cleanup) -> threading.Timer:
-    """Past the budget by WATCHDOG_GRACE_S: record the running section as stopped, write the
-    JSON, print the table and exit 3 (a hung or slow section still leaves every figure)."""
+def start_watchdog(report: Report, budget: Budget, cleanup, grace: float = WATCHDOG_GRACE_S,
+                   exit=os._exit) -> threading.Timer:
+    """Past the budget by ``grace`` s: record the running section as stopped, write the JSON,
+    print the table and exit 3 (a hung or slow section still leaves every figure)."""
     def fire():
         if report.running:
             report.set(report.running, {"status": "error", "reason": (
@@ -550,9 +551,9 @@ def start_watchdog(report: Report, budget: Budget, cleanup) -> threading.Timer:
         report.write(budget.elapsed)
         print(table(report), flush=True)
         cleanup()
-        os._exit(3)
+        exit(3)
 
-    timer = threading.Timer(budget.seconds + WATCHDOG_GRACE_S, fire)
+    timer = threading.Timer(max(0.0, budget.left + grace), fire)
     timer.daemon = True
     timer.start()
     return timer

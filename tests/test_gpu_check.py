@@ -73,6 +73,18 @@ def test_gpu_check_skips_each_section_with_its_reason_when_the_budget_is_spent(t
                for s in sections.values())
 
 
+def test_watchdog_records_the_running_section_as_stopped_writes_the_json_and_exits_3(tmp_path):
+    args = gpu_check.parse_args(["--device", "cpu", "--out", str(tmp_path / "gpu_check.json")])
+    report, budget, exits, cleaned = gpu_check.Report(Path(args.out), args), gpu_check.Budget(0), [], []
+    report.running = "train"
+    timer = gpu_check.start_watchdog(report, budget, lambda: cleaned.append(True), grace=0, exit=exits.append)
+    timer.join(10)
+    assert exits == [3] and cleaned == [True]
+    sections = json.loads(Path(args.out).read_text())["sections"]
+    assert sections["train"]["status"] == "error" and "stopped by the watchdog" in sections["train"]["reason"]
+    assert sections["harvest_identity"] == {"status": "skipped", "reason": "not reached"}
+
+
 def test_hook_reference_equals_the_harvest_and_a_changed_bit_is_found(cache_path, tiny_model):
     cache = Cache.open(str(cache_path))  # the tests' standard harvest: float16, batch 4, CPU
     reference = gpu_check.hook_reference(cache, tiny_model, "cpu", batch_size=4)
