@@ -23,15 +23,18 @@ status (ok / fail / error / skipped), its seconds and its peak GPU memory:
   harvest_ram       harvest of the pythia-410m shape (d 1024, 24 layers, fp16, random weights),
   harvest_disk      ctx 2048, every layer, ≤ 256K tokens, into /dev/shm and into --disk-dir, vs
                     min(forward-only, raw sequential write of the same bytes to the same folder)
+  harvest_stats     (between the two) storage.stats.sequence_sums on a (8, 2048, 1024) fp16
+                    batch × 24 layers, as a share of one batch's forward-only time
 
-Time on an H200, estimated from the shapes (what the budget checks use, × 2 for safety):
-pythia-410m fp16 forward 2·0.4G·256K ≈ 2e14 FLOP ≈ 1–2 s; its residuals 256K·24·1024·2 B =
+Time on an H200, estimated from the shapes (the budget checks use these, × 2 for safety):
+pythia-410m fp16 forward 2·0.3G·256K ≈ 1.6e14 FLOP ≈ 1 s; its residuals 256K·24·1024·2 B =
 12.9 GB, written twice per folder (harvest, raw) at ≥ 3 GB/s to RAM (≈ 9 s) and at the disk's
 measured speed (a 1 GiB probe first; the disk section's tokens shrink to fit what is left);
-an SAE step 6·4096·1024·32768 ≈ 0.8 TFLOP ≈ 4 ms in tf32/bf16, 15 ms in fp32, so the six
-training rows (≈ 140 steps × 1 or 3 SAEs each, + snapshots) ≈ 40 s; model builds and loads
-≈ 20 s; pytest ≈ 20 s. About 2.5 minutes in all; the budget stops at 330 s whatever happens (a
-watchdog writes the JSON and exits 3 if a section overruns it by 20 s).
+an SAE step 6·4096·1024·32768 ≈ 0.8 TFLOP ≈ 4–8 ms in tf32/bf16, 15–30 ms in fp32, so the six
+training rows (156 loop + 53 limit steps × 1 or 3 SAEs, + snapshots) ≈ 60 s after ≈ 15 s of
+making the 40-chunk cache; model builds and loads ≈ 20 s; pytest ≈ 30 s. About 3 minutes in
+all; the budget (from the process start) stops at 330 s whatever happens (a watchdog writes the
+JSON and exits 3 if a section overruns it by 20 s).
 
 Exit status: 0 when no check failed and no section raised, 1 otherwise, 3 on the watchdog.
 """
@@ -63,7 +66,7 @@ import zarr  # noqa: E402
 
 # raw_write: plain sequential writes of chunk-sized files (to be replaced by bench_writer's raw
 # write, the best plain writes can do, once that exists: the limit must be the fairest one)
-from bench_harvest import SHAPES, build_model, forward_only, make_text, raw_write, run_harvest  # noqa: E402
+from bench_harvest import SHAPES, build_model, forward_only, make_text, raw_write, run_harvest, sync  # noqa: E402
 from bench_train import SISTERS, from_cache, limit  # noqa: E402
 from synthetic_cache import LAYER, make_cache  # noqa: E402
 
@@ -75,13 +78,15 @@ from saecache.harvest.loop import harvest, units_of  # noqa: E402
 from saecache.demo.tiny import TinyModelConfig  # noqa: E402
 from saecache.harvest.models import block_output, load_model  # noqa: E402
 from saecache.sae.archs import ARCHS  # noqa: E402
+from saecache.storage import stats  # noqa: E402
 from saecache.storage.cache import Cache  # noqa: E402
 from saecache.train.config import PRECISIONS, ReaderConfig, TrainConfig  # noqa: E402
 from saecache.train.reader import Plan  # noqa: E402
 from saecache.train.trainer import SAETrainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("harvest_identity", "cuda_tests", "sync_debug", "train", "harvest_ram", "harvest_disk")
+SECTIONS = ("harvest_identity", "cuda_tests", "sync_debug", "train", "harvest_ram", "harvest_stats",
+            "harvest_disk")
 TARGETS = {"harvest": 0.90, "train": 0.95}
 """The issue's targets: harvest ≥ 0.90 × its limit; training ≥ 0.95 × the step (tf32, bf16)."""
 CUDA_TEST_FILES = ("tests/test_reader.py", "tests/test_cuda.py", "tests/test_train_fastpath.py",
@@ -109,7 +114,7 @@ class Shapes:
     train_d: int = 1024
     train_expansion: int = 32
     train_batch: int = 4096
-    train_blocks: int = 24  # 23 training chunks of 16384 rows: 92 batches of 4096
+    train_blocks: int = 40  # 39 training chunks of 16384 rows: 156 batches of 4096
     train_chunk_rows: int = 16384
     train_mix_chunks: int = 8
     train_rows: tuple[tuple[str, int], ...] = tuple((p, n) for p in PRECISIONS for n in (1, 3))
@@ -502,6 +507,27 @@ def harvest_ram(ratio: HarvestRatio, ram: Path | None) -> dict:
     return ratio.measure(ram, tokens)
 
 
+def harvest_stats(ratio: HarvestRatio, device: str, reps: int = 10) -> dict:
+    """What the per-sequence statistics cost the forward: storage.stats.sequence_sums on one
+    batch of a block's output, once per stored layer, against one batch's forward-only time."""
+    ratio.prepare()
+    s, (layers, d) = ratio.shapes, ratio.dims
+    h = torch.randn(s.harvest_batch, s.ratio_ctx, d, device=device).half()  # (B, T, d) a block's output
+    stats.sequence_sums(h)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        stats.sequence_sums(h)
+    sync(device)
+    seconds = (time.perf_counter() - start) / reps
+    forward = s.harvest_batch * s.ratio_ctx / ratio.forward  # s per batch
+    share = layers * seconds / forward
+    return {"status": "ok", "seconds_per_call": seconds, "calls_per_batch": layers,
+            "forward_batch_s": forward, "share_of_forward": share,
+            "line": f"statistics {share:.1%} of the forward's time: {layers} × {seconds * 1e3:.2f} ms "
+                    f"per ({s.harvest_batch}, {s.ratio_ctx}, {d}) fp16 batch vs {forward * 1e3:.1f} ms"}
+
+
 def harvest_disk(ratio: HarvestRatio, disk: Path, budget: Budget) -> dict:
     """Into --disk-dir, with as many tokens (≤ the RAM section's) as its measured raw write
     speed lets harvest + raw write finish in the time left."""
@@ -572,6 +598,8 @@ def run_all(args, report: Report, budget: Budget, work: Path, ram: Path | None, 
     ratio = HarvestRatio(s, work, device, args.writer_threads)
     run_section(report, budget, "harvest_ram", ratio.estimate(s.ratio_tokens, s.write_bytes_s),
                 lambda: harvest_ram(ratio, ram), device)
+    run_section(report, budget, "harvest_stats", ratio.estimate(0, s.write_bytes_s),
+                lambda: harvest_stats(ratio, device), device)
     run_section(report, budget, "harvest_disk", ratio.estimate(s.harvest_batch * s.ratio_ctx, 2e8),
                 lambda: harvest_disk(ratio, disk, budget), device)
 

@@ -59,6 +59,9 @@ def test_gpu_check_quick_on_cpu_writes_every_section(tmp_path):
         assert r["bytes_written"] >= r["tokens"] * 3 * 64 * 2  # every layer of the tiny model
         assert r["ratio"] == r["harvest_tok_s"] / r["limit_tok_s"]
     assert sections["harvest_disk"]["dir"].startswith(str(disk))
+    statistics = sections["harvest_stats"]
+    assert statistics["status"] == "ok" and statistics["calls_per_batch"] == 3
+    assert math.isfinite(statistics["share_of_forward"]) and statistics["share_of_forward"] > 0
     assert list(disk.iterdir()) == []  # its temporary folder is removed
 
 
