@@ -132,8 +132,8 @@ QUICK = Shapes(identity_model="tiny", identity_ctx=32, identity_seqs=16, identit
                train_expansion=4, train_batch=64, train_blocks=4, train_chunk_rows=256,
                train_mix_chunks=2, train_rows=(("fp32", 1), ("bf16", 3)), train_max_steps=4,
                limit_steps=2, forward_flops=2e9, sae_flops=2e9, write_bytes_s=2e8)
-"""--quick: tiny shapes that run everything on two busy CPU cores in seconds; the figures are
-only the script's own check."""
+"""--quick: tiny shapes that run everything on two busy CPU cores in under a minute; the figures
+are only the script's own check."""
 
 
 # ----------------------------------------------------------------------------- the report
@@ -461,7 +461,7 @@ class HarvestRatio:
         return max(1, s.ratio_chunk_rows // s.ratio_ctx) * s.ratio_ctx * self.dims[1] * 2
 
     def prepare(self) -> None:
-        if self.model is None:
+        if self.forward is None:  # set last: a failure here is retried by the next section
             s = self.shapes
             self.model = build_model(s.ratio_model, self.work / "models")
             self.text = make_text(_folder(self.work / "ratio-text"), s.ratio_tokens)
@@ -605,7 +605,8 @@ def run_all(args, report: Report, budget: Budget, work: Path, ram: Path | None, 
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_check.json", help="the JSON to write")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU check of the script)")
@@ -618,6 +619,10 @@ def parse_args(argv=None):
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device here; "
                      "check the script itself with --device cpu --quick")
+    if not Path(args.out).resolve().parent.is_dir():
+        parser.error(f"--out {args.out}: folder {Path(args.out).resolve().parent} does not exist")
+    if args.disk_dir is not None and not Path(args.disk_dir).is_dir():
+        parser.error(f"--disk-dir {args.disk_dir} is not a folder: give an existing local-disk folder")
     return args
 
 

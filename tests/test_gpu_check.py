@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -74,6 +76,19 @@ def test_gpu_check_skips_each_section_with_its_reason_when_the_budget_is_spent(t
     assert list(sections) == list(gpu_check.SECTIONS)
     assert all(s["status"] == "skipped" and s["reason"].startswith("budget: needs ~")
                for s in sections.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "/no/such/folder/x.json"], "--out /no/such/folder/x.json: folder /no/such/folder does not exist"),
+    (["--disk-dir", "/no/such/folder"], "--disk-dir /no/such/folder is not a folder: give an existing"),
+    pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA device here; check the script itself",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
+])
+def test_gpu_check_refuses_bad_arguments_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        gpu_check.parse_args(["--device", "cpu", *argv] if "--device" not in argv else argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and err[-1].startswith(f"gpu_check.py: error: {message}")
 
 
 def test_watchdog_records_the_running_section_as_stopped_writes_the_json_and_exits_3(tmp_path):
