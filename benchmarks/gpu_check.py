@@ -498,7 +498,7 @@ class HarvestRatio:
 
 def harvest_ram(ratio: HarvestRatio, ram: Path | None) -> dict:
     if ram is None:
-        return {"status": "skipped", "reason": "no writable /dev/shm with 8 GiB free on this machine"}
+        return {"status": "skipped", "reason": "no writable /dev/shm with room for the check on this machine"}
     ratio.prepare()
     tokens = fitting_tokens(ratio, ram, ratio.shapes.ratio_tokens)
     if tokens == 0:

@@ -54,7 +54,11 @@ def test_gpu_check_quick_on_cpu_writes_every_section(tmp_path):
     for row in rows:
         assert row["status"] == "ok" and 0 <= row["data_wait_fraction"] <= 1
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("ratio", "limit_tok_s", "train_tok_s"))
-    for name in ("harvest_ram", "harvest_disk"):
+    measured = ("harvest_ram", "harvest_disk") if gpu_check.ram_folder(quick=True) else ("harvest_disk",)
+    if len(measured) == 1:  # a small or missing /dev/shm (a container's 64 MiB, say)
+        assert sections["harvest_ram"] == {**sections["harvest_ram"], "status": "skipped",
+                                           "reason": "no writable /dev/shm with room for the check on this machine"}
+    for name in measured:
         r = sections[name]
         assert r["status"] == "ok" and r["bound"] in ("forward", "write")
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("ratio", "forward_tok_s", "raw_write_bytes_s"))
