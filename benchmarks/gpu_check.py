@@ -210,8 +210,9 @@ def run_section(report: Report, budget: Budget, name: str, estimate: float, body
     except Exception as err:  # one section's failure must not cost the others their figures
         record = {"status": "error", "reason": what(err),
                   "traceback": traceback.format_exc()[-3000:]}
-    record.update(seconds=round(time.perf_counter() - start, 1), estimate_s=round(estimate, 1),
-                  peak_gpu_bytes=torch.cuda.max_memory_allocated() if cuda else None)
+    record.update(seconds=round(time.perf_counter() - start, 1), estimate_s=round(estimate, 1))
+    if "peak_gpu_bytes" not in record:  # train resets it per row and gives the rows' maximum
+        record["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
     report.set(name, record)
     report.running = None
 
