@@ -580,7 +580,7 @@ def start_watchdog(report: Report, budget: Budget, cleanup, grace: float = WATCH
         cleanup()
         exit(3)
 
-    timer = threading.Timer(max(0.0, budget.left + grace), fire)
+    timer = threading.Timer(max(0.0, budget.left) + grace, fire)  # a spent budget still skips in time
     timer.daemon = True
     timer.start()
     return timer
@@ -638,7 +638,7 @@ def ram_folder(quick: bool) -> Path | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    budget = Budget(args.budget, START if __name__ == "__main__" else None)
+    budget = Budget(args.budget, START)
     report = Report(Path(args.out), args)
     ram = ram_folder(args.quick)
     work = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=ram))  # models, small caches, runs

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,13 @@ def test_gpu_check_quick_on_cpu_writes_every_section(tmp_path):
 
 def test_gpu_check_skips_each_section_with_its_reason_when_the_budget_is_spent(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)  # main() points it at its folder
+    monkeypatch.setattr(gpu_check, "START", time.perf_counter() - 100)  # imports took 100 s
+    exits, watchdog = [], gpu_check.start_watchdog
+    monkeypatch.setattr(gpu_check, "start_watchdog", lambda *a, **k: watchdog(*a, exit=exits.append, **k))
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--device", "cpu", "--quick", "--budget", "0", "--out", str(out),
                            "--disk-dir", str(tmp_path)]) == 0
+    assert exits == []  # a spent budget skips everything before the watchdog's grace is up
     sections = json.loads(out.read_text())["sections"]
     assert list(sections) == list(gpu_check.SECTIONS)
     assert all(s["status"] == "skipped" and s["reason"].startswith("budget: needs ~")
