@@ -277,6 +277,34 @@ def test_torch_save_on_a_full_disk_is_the_disk_error_naming_the_file(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pt"]  # no temporary left
 
 
+class Interrupted(FullDisk):
+    """A file whose ``after``-th write is interrupted, as a SIGTERM handler raising inside it."""
+
+    def __init__(self, f, after: int):
+        super().__init__(f, 1 << 40)
+        self.left = after
+
+    def write(self, data) -> int:
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+        return super().write(data)
+
+
+def test_a_signal_inside_torch_save_is_the_interrupt_not_torchs_runtime_error(tmp_path, monkeypatch):
+    """SIGTERM's handler raises inside the file's write; torch's zip writer turns that into
+    "unexpected pos". atomic_write raises the interrupt itself (exit 143, not a traceback)."""
+    real_fdopen = os.fdopen
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic.os, "fdopen", lambda fd, mode: Interrupted(real_fdopen(fd, mode), 3))
+        with pytest.raises(RuntimeError):  # what torch makes of it by itself
+            with open(tmp_path / "plain.pt", "wb") as f:
+                torch.save({"w": torch.zeros(4096)}, Interrupted(f, 3))
+        with pytest.raises(KeyboardInterrupt):
+            atomic.atomic_write(tmp_path / "w.pt", lambda f: torch.save({"w": torch.zeros(4096)}, f))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pt"]  # no temporary left
+
+
 # ---- 3. the metrics window in the checkpoint -------------------------------------------------
 
 

@@ -43,8 +43,10 @@ def temporary_target(name: str) -> str | None:
 
 
 class _Recorder:
-    """A file object that remembers the first OSError of its writes: torch.save turns a full
-    disk into a RuntimeError ("unexpected pos"), and the reason must not be lost."""
+    """A file object that remembers the first error raised in its writes: torch.save's zip
+    writer turns whatever a write raises into a RuntimeError ("unexpected pos"), and the
+    reason must not be lost: a full disk (OSError) or Ctrl-C / SIGTERM arriving while a
+    checkpoint is written (KeyboardInterrupt, raised by the signal handler inside write)."""
 
     def __init__(self, f: IO[bytes]):
         self.f, self.error = f, None
@@ -52,12 +54,16 @@ class _Recorder:
     def write(self, data) -> int:
         try:
             return self.f.write(data)
-        except OSError as err:
+        except (OSError, KeyboardInterrupt) as err:
             self.error = self.error or err
             raise
 
     def flush(self) -> None:
-        self.f.flush()
+        try:
+            self.f.flush()
+        except (OSError, KeyboardInterrupt) as err:
+            self.error = self.error or err
+            raise
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -74,7 +80,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             recorder = _Recorder(f)
             try:
                 write(recorder)
-            except Exception as err:
+            except Exception as err:  # the writer's own error, or one it made of ours
                 if recorder.error is None:
                     raise
                 raise recorder.error from err
