@@ -317,7 +317,7 @@ def demo(out, device):
     """The whole pipeline offline, on a tiny built-in GPT-NeoX and a bundled text sample."""
     from saecache.demo.demo import run_demo
 
-    click.echo(run_demo(out, _device(device)))
+    click.echo(run_demo(out, _device(device), say=lambda line: click.echo(line, err=True)))
 
 
 def main() -> None:

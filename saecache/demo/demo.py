@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from saecache.core.atomic import check_folder
 from saecache.harvest.corpus import DatasetSpec
@@ -11,7 +16,7 @@ from saecache.harvest.config import HarvestConfig
 from saecache.harvest.loop import harvest
 from saecache.report.report import write_report
 from saecache.storage.info import describe, format_info
-from saecache.demo.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model
+from saecache.demo.tiny import DEMO_MODEL, DEMO_TEXT, build_tiny_model
 from saecache.train.config import ReaderConfig, TrainConfig
 from saecache.train.loop import train
 
@@ -31,10 +36,12 @@ def demo_text(out: Path) -> Path:
 
 def demo_harvest_config(out: Path, device: str) -> HarvestConfig:
     """Harvest of the demo text through the tiny model into ``out/cache.zarr``."""
-    model = build_tiny_model(out / "model", TinyModelConfig(pretrain_steps=300))
+    model = build_tiny_model(out / "model", DEMO_MODEL)
+    # float16 matmuls are emulated on the CPU (~20× slower than float32 for this model)
+    dtype = "float32" if torch.device(device).type == "cpu" else "float16"
     return HarvestConfig(cache=str(out / "cache.zarr"), model=str(model),
                          dataset=DatasetSpec(str(demo_text(out))), tokens=DEMO_TOKENS, ctx=DEMO_CTX,
-                         batch_size=32, chunk_rows=DEMO_CHUNK_ROWS, device=device)
+                         batch_size=32, chunk_rows=DEMO_CHUNK_ROWS, device=device, dtype=dtype)
 
 
 def demo_train_configs(out: Path, device: str) -> list[TrainConfig]:
@@ -47,19 +54,56 @@ def demo_train_configs(out: Path, device: str) -> list[TrainConfig]:
     return [TrainConfig(l1=("1e-2", "adaptive:16"), **common), TrainConfig(arch="topk", k=(16,), **common)]
 
 
-def run_demo(out: str | Path, device: str) -> str:
-    """Run the demo pipeline into ``out``; returns the report to print."""
-    out = check_folder(out)
-    cache = harvest(demo_harvest_config(out, device)).cache
-    report = [format_info(describe(cache)), ""]
-    for cfg in demo_train_configs(out, device):
-        report += [f"{run.folder.name}: {run.summary()}" for run in train(cfg)]
-    for run, data in evaluate_runs(EvalConfig(runs=str(out / "runs"), device=device)).items():
-        r = next(v for name, v in data["snapshots"].items() if name.endswith("_final.pt"))
-        report.append(_evaluated(run.name, r, cache.layout.d * run.record().spec.expansion))
-    index = write_report(out / "runs", out / "report", metric="mse")
+STAGES = 5
+
+
+def run_demo(out: str | Path, device: str, say: Callable[[str], None] = lambda line: None) -> str:
+    """Run the demo pipeline into ``out``, telling ``say`` each stage as it starts and ends;
+    returns the report to print."""
+    out = check_folder(out).resolve()  # every path the cache and runs record is absolute
+    with _threads(device):
+        say(f"saecache demo: the whole pipeline offline on a tiny built-in model, in {out}")
+        with _stage(say, 1, "model: the bundled 3-block GPT-NeoX (d 64), pre-trained on the bundled text"):
+            cfg = demo_harvest_config(out, device)
+        with _stage(say, 2, f"harvest: {DEMO_TOKENS:,} tokens × 3 layers into {cfg.cache}"):
+            cache = harvest(cfg).cache
+        report = [format_info(describe(cache)), ""]
+        with _stage(say, 3, f"train: layer {DEMO_LAYER}, F = 256: ReLU at L1 1e-2 and adaptive "
+                            "toward L0 16 (one read pass), then TopK k 16"):
+            for train_cfg in demo_train_configs(out, device):
+                report += [f"{run.folder.name}: {run.summary()}" for run in train(train_cfg)]
+        with _stage(say, 4, "eval: each SAE spliced into the model (CE loss recovered, KL)"):
+            evaluated = evaluate_runs(EvalConfig(runs=str(out / "runs"), device=device))
+        for run, data in evaluated.items():
+            r = next(v for name, v in data["snapshots"].items() if name.endswith("_final.pt"))
+            report.append(_evaluated(run.name, r, cache.layout.d * run.record().spec.expansion))
+        with _stage(say, 5, f"report: figures and tables into {out / 'report'}"):
+            index = write_report(out / "runs", out / "report")
     report.append(f"report: {index}")
     return "\n".join(report)
+
+
+@contextmanager
+def _stage(say: Callable[[str], None], number: int, what: str):
+    """Say a stage when it starts and how long it took when it ends."""
+    say(f"[{number}/{STAGES}] {what} …")
+    start = time.perf_counter()
+    yield
+    say(f"[{number}/{STAGES}] done in {time.perf_counter() - start:.1f} s")
+
+
+@contextmanager
+def _threads(device: str):
+    """One intra-op thread on the CPU while the demo runs: its matrices (d 64, F 256) are too
+    small to gain from more, and torch's default of one spinning thread per core turns a busy
+    machine's minute into ten (measured: docs/benchmarks.md, "Demo")."""
+    before = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _evaluated(name: str, r: dict, n_features: int) -> str:

@@ -179,7 +179,8 @@ def _explain(location: str, options: dict, err: Exception) -> str:
     credentials, endpoint = _hints(location)
     if isinstance(err, ImportError):
         package = BACKEND_PACKAGES.get(_protocol(location), "the fsspec backend for it")
-        return f"{location} needs {package}, which is not installed ({what}): pip install {package}"
+        extra = " (saecache's [s3] extra: pip install 'saecache[s3]')" if package == "s3fs" else ""
+        return f"{location} needs {package}, which is not installed ({what}): pip install {package}{extra}"
     if isinstance(err, ValueError) and "protocol" in str(err).lower():
         return f"{location}: {first_line(err)}; CACHE must be a local path or an fsspec URL such as s3://bucket/path"
     if isinstance(err, PermissionError):
