@@ -39,13 +39,19 @@ def direct_file(arr: zarr.Array, block: int, data: np.ndarray) -> Path | None:
     return chunk_file(arr, block)
 
 
+def temporary_path(path: Path) -> Path:
+    """A new temporary file name beside ``path``: ``0`` → ``0.<32 hex digits>.partial``, as
+    zarr's LocalStore names its own (so ``LocalFolder.clean_partials`` removes both)."""
+    return path.with_suffix(f".{uuid.uuid4().hex}.partial")
+
+
 def write_chunk_file(path: Path, data: np.ndarray) -> int:
     """Write ``data`` (C-contiguous) and its 4-byte little-endian crc32c to a temporary file
     beside ``path``, then rename it onto ``path``. Returns the bytes written. On any failure the
     temporary is removed and nothing is left under ``path``'s name; an OSError names ``path``."""
     view = memoryview(data).cast("B")  # (bytes,) of the caller's buffer: no copy
     trailer = crc32c(view).to_bytes(CRC_BYTES, "little")
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # zarr's LocalStore's name for it
+    tmp = temporary_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as open("wb") gives
