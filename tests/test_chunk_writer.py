@@ -160,6 +160,16 @@ def test_plain_zarr_reads_a_directly_written_cache(tmp_path, zarr_sets):
     assert verify(Cache.open(str(direct.where.path))).ok
 
 
+@pytest.mark.parametrize("piece", [chunkfile.PIECE, 1000], ids=["1 MiB pieces", "odd pieces"])
+def test_a_chunk_of_many_pieces_is_its_bytes_then_their_crc32c(tmp_path, monkeypatch, piece):
+    monkeypatch.setattr(chunkfile, "PIECE", piece)
+    data = np.random.default_rng(1).standard_normal((1280 + 3, 1024)).astype(np.float16)  # ~2.5 MiB
+    path = tmp_path / "resid" / "00" / "c" / "0" / "0"
+    assert chunkfile.write_chunk_file(path, data) == data.nbytes + 4
+    expected = data.tobytes() + google_crc32c.value(data.tobytes()).to_bytes(4, "little")
+    assert path.read_bytes() == expected and os.listdir(path.parent) == ["0"]
+
+
 def test_only_whole_plain_local_chunks_are_written_directly(tmp_path):
     cache = new_cache(tmp_path / "plain.zarr", 12)
     arr = cache.resid(0)
@@ -193,13 +203,13 @@ def test_a_harvest_through_the_direct_writer_equals_one_through_zarr(tmp_path, t
 # ---- failures -------------------------------------------------------------------------------------
 
 def test_a_failed_write_leaves_nothing_under_the_chunks_name(tmp_path, monkeypatch):
-    real = os.pwritev
+    real = os.pwrite
 
-    def half_then_full(fd, buffers, offset):
-        real(fd, [memoryview(buffers[0])[:100]], offset)
+    def half_then_full(fd, data, offset):
+        real(fd, memoryview(data)[:100], offset)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "pwritev", half_then_full)
+    monkeypatch.setattr(os, "pwrite", half_then_full)
     path = tmp_path / "resid" / "00" / "c" / "3" / "0"
     with pytest.raises(OSError) as caught:
         chunkfile.write_chunk_file(path, np.ones((64, 16), np.float16))
@@ -209,16 +219,16 @@ def test_a_failed_write_leaves_nothing_under_the_chunks_name(tmp_path, monkeypat
 
 def test_a_disk_full_mid_harvest_is_one_line_and_the_resume_is_identical(tmp_path, tiny_model,
                                                                          cache_path, monkeypatch):
-    real, written, failed = os.pwritev, [], []
+    real, written, failed = os.pwrite, [], []
 
-    def fills_up(fd, buffers, offset):
-        if failed or len(written) >= 10:  # the disk is full from the 11th chunk on
+    def fills_up(fd, data, offset):
+        if failed or len(written) >= 20:  # the disk is full from the 11th chunk on (2 writes each)
             failed.append(os.readlink(f"/proc/self/fd/{fd}"))  # the temporary's path
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(fd)
-        return real(fd, buffers, offset)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(os, "pwritev", fills_up)
+    monkeypatch.setattr(os, "pwrite", fills_up)
     cache = tmp_path / "c.zarr"
     result = CliRunner().invoke(cli, harvest_args(cache, tiny_model))
     assert_one_line_error(result, "No space left on device", str(cache), "re-run the same command")
@@ -227,7 +237,7 @@ def test_a_disk_full_mid_harvest_is_one_line_and_the_resume_is_identical(tmp_pat
     for temporary in failed:  # "resid/LL/c/B/0.<uuid>.partial": gone, and its block uncommitted
         assert not Path(temporary).exists() and not committed[int(Path(temporary).parts[-2])]
     assert not list(cache.rglob("*.partial"))
-    monkeypatch.setattr(os, "pwritev", real)  # space freed
+    monkeypatch.setattr(os, "pwrite", real)  # space freed
     assert CliRunner().invoke(cli, harvest_args(cache, tiny_model)).exit_code == 0
     assert tree_digest(cache) == tree_digest(cache_path)
 
@@ -264,12 +274,12 @@ HANG = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from saecache.storage.chunkfile import write_chunk_file
-    real = os.pwritev
-    def stuck(fd, buffers, offset):  # half the chunk written, then stuck until killed
-        real(fd, [memoryview(buffers[0])[:1000]], offset)
+    real = os.pwrite
+    def stuck(fd, data, offset):  # part of the chunk written, then stuck until killed
+        real(fd, memoryview(data)[:1000], offset)
         print("stuck", flush=True)
         time.sleep(600)
-    os.pwritev = stuck
+    os.pwrite = stuck
     write_chunk_file(Path(sys.argv[1]), np.full((256, 64), 7, np.float16))
 """)
 
