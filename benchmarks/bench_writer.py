@@ -10,7 +10,7 @@ with plain ``open(..., "wb").write(view)`` into the same folder, from 1 thread a
 store does not, nor does the writer); each timing ends with one ``os.sync()`` inside it, so on
 a disk both pay for getting the bytes to it (on /dev/shm the sync costs nothing). Each figure
 is the best of ``--repeats`` rounds (raw 1 thread, raw N threads, writer; every other round in
-the reverse order); the files of each timing are deleted before the next. ``--zarr`` also times the writer with every
+the reverse order); the files of each timing are deleted, and synced, before the next. ``--zarr`` also times the writer with every
 chunk encoded by zarr (``direct=False``: the path before the direct writer).
 
     python benchmarks/bench_writer.py --dir /dev/shm        # ~1 min; last line: writer/raw R
@@ -134,6 +134,7 @@ def best_seconds(phases: dict, root: Path, repeats: int, nbytes: int) -> dict[st
             folder = root / f"{name.replace(' ', '-')}-{round_}"
             best[name] = min(best[name], phases[name](folder))
             shutil.rmtree(folder)
+            os.sync()  # the deletion's journal and discards land here, not in the next timing
             print(f"round {round_} {name}: {nbytes / best[name] / 1e9:.2f} GB/s best so far",
                   file=sys.stderr)
     return best
