@@ -50,7 +50,8 @@ class HarvestConfig:
     compression: str = setting("none", choices=COMPRESSIONS)
     """Compression before the crc32c checksum (fp16 residuals gain ~1.08×)."""
     writer_threads: int = setting(4, min=1)
-    """Threads encoding and writing chunks."""
+    """Threads checksumming and writing chunk files (GIL-free on a local folder; 2-4 reach the
+    disk's plain-write speed, docs/benchmarks.md "Writer vs raw disk")."""
     buffers: int = setting(3, min=1)
     """Host buffers in flight (memory = buffers × layers × rows/chunk × d × 2 bytes)."""
     allow_nonfinite: bool = False

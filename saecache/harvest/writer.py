@@ -5,6 +5,11 @@ buffer is still being written — that bound is what keeps memory fixed), fills 
 here. Worker threads encode and write one layer-chunk each; a single committer thread, in
 submission order, waits for a block's chunks, checks its statistics, writes its commit record
 and, once the unit's blocks are done, returns the buffer to the free list.
+
+A chunk of a local cache with the default codecs (bytes, crc32c) is written straight from the
+host buffer (storage.chunkfile: the bytes zarr would write, with the GIL released, so the
+threads write in parallel); any other chunk (an object store, zstd, a short last block) is
+encoded by zarr, which holds the GIL for the copy and checksum of each chunk.
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ import numpy as np
 from saecache.harvest.capture import HostBuffer
 from saecache.core.errors import SaecacheError
 from saecache.storage.cache import Cache
+from saecache.storage.chunkfile import direct_file, write_chunk_file
 from saecache.storage.stats import nonfinite_count
+
+DIRECT = True
+"""Write eligible chunks straight from the host buffer (False: every chunk through zarr, the
+reference the tests and benchmarks/bench_writer.py compare against)."""
 
 
 class BlockWriter:
     """Background writer for units of whole blocks."""
 
     def __init__(self, cache: Cache, buffers: list[HostBuffer], threads: int,
-                 allow_nonfinite: bool = False):
+                 allow_nonfinite: bool = False, direct: bool | None = None):
         self.cache = cache
+        self.direct = DIRECT if direct is None else direct
         self.layout = cache.layout
         self.arrays = [cache.resid(layer) for layer in self.layout.layers]
         self.allow_nonfinite = allow_nonfinite
@@ -108,8 +119,13 @@ class BlockWriter:
     def _write(self, buffer: HostBuffer, first_block: int, block: int, index: int) -> None:
         try:
             buffer.wait()
-            data = buffer.resid[index, self._rows(first_block, block)].numpy()  # (rows, d) fp16
-            self.arrays[index][self.layout.block_rows(block)] = data
+            data = buffer.resid[index, self._rows(first_block, block)].numpy()  # (rows, d) fp16, a view
+            arr = self.arrays[index]
+            path = direct_file(arr, block, data) if self.direct else None
+            if path is not None:
+                write_chunk_file(path, data)
+            else:
+                arr[self.layout.block_rows(block)] = data
             with self._lock:
                 self.bytes_written += data.nbytes
         except BaseException as err:
