@@ -163,14 +163,15 @@ def harvest(cache, **values):
 
     cfg = _config(HarvestConfig, values, cache=cache)
     result = run_harvest(cfg)
-    layers = len(result.cache.layout.layers)
+    n = len(result.cache.layout.layers)
+    layers = f"{n} layer{'s' * (n != 1)}"
     if result.was_complete:
         click.echo(f"cache at {cache} is already complete ({format_tokens(result.cache.layout.n_tokens)} "
-                   f"tokens × {layers} layers): nothing to harvest; train from it with saecache "
+                   f"tokens × {layers}): nothing to harvest; train from it with saecache "
                    f"train {cache}, or give another CACHE (or --overwrite) to harvest again", err=True)
         return
     seconds = max(result.seconds, 1e-9)
-    click.echo(f"harvested {format_tokens(result.tokens_harvested)} tokens × {layers} layers in "
+    click.echo(f"harvested {format_tokens(result.tokens_harvested)} tokens × {layers} in "
                f"{result.seconds:.1f} s ({format_rate(result.tokens_harvested / seconds)} tok/s, "
                f"{format_rate(result.bytes_written / seconds / 1e6)} MB/s written) → {cache}", err=True)
 
