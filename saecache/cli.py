@@ -287,8 +287,6 @@ def train(cache, **values):
     from saecache.train.loop import train as run_train
 
     cfg = _config(TrainConfig, values, cache=cache)
-    if warning := cfg.checkpoint_warning():
-        click.echo(f"saecache: warning: {warning}", err=True)
     for run in run_train(cfg):
         if run.start_step is not None and run.start_step >= cfg.steps:
             click.echo(f"{run.folder.dir}: already trained ({format_tokens(cfg.tokens)} tokens), nothing "

@@ -60,7 +60,10 @@ def workspace(tmp_path_factory, tiny_model):
     (folder / "w").mkdir()
     (folder / "w" / "model").symlink_to(tiny_model)
     shutil.copy(DEMO_TEXT, folder / "w" / "text.txt")
-    before = Path.cwd()
+    before, warnings = Path.cwd(), logging.Handler(logging.WARNING)
+    warnings.records = []
+    warnings.emit = warnings.records.append
+    logging.getLogger("saecache").addHandler(warnings)
     os.chdir(folder)
     try:
         harvested = invoke("harvest", "w/cache.zarr", *HARVEST)
@@ -69,7 +72,8 @@ def workspace(tmp_path_factory, tiny_model):
         assert trained.exit_code == 0, trained.output
     finally:
         os.chdir(before)
-    return folder, trained.output
+        logging.getLogger("saecache").removeHandler(warnings)
+    return folder, trained.output + "".join(f"{r.getMessage()}\n" for r in warnings.records)
 
 
 # ---- paths that travel ------------------------------------------------------------------------
@@ -175,14 +179,16 @@ _TIMING = ("tokens_per_s", "data_wait_fraction", "bytes_read", "time")
 # ---- messages -----------------------------------------------------------------------------------
 
 
-def test_a_finished_train_says_already_trained(workspace):
+def test_a_finished_train_says_already_trained(workspace, caplog):
     folder, first = workspace
     before = Path.cwd()
     os.chdir(folder)
     try:
-        again = invoke("train", "w/cache.zarr", *TRAIN)
+        with caplog.at_level(logging.WARNING):
+            again = invoke("train", "w/cache.zarr", *TRAIN)
     finally:
         os.chdir(before)
+    assert "--checkpoint-every" not in caplog.text  # nothing trains: no warning about it
     assert again.exit_code == 0, again.output
     assert "already trained (768 tokens), nothing to do" in again.output
     assert "a larger --tokens and another --out" in again.output
@@ -191,8 +197,8 @@ def test_a_finished_train_says_already_trained(workspace):
 
 def test_a_checkpoint_interval_longer_than_the_run_is_warned_at_start(workspace):
     _, first = workspace
-    warning = first.splitlines()[0]
-    assert warning.startswith("saecache: warning: --checkpoint-every 10M is not less than --tokens 768")
+    (warning,) = [line for line in first.splitlines() if "--checkpoint-every" in line]
+    assert warning.startswith("warning: --checkpoint-every 10M is not less than --tokens 768")
     assert "pass a smaller --checkpoint-every" in warning
     short = TrainConfig(cache="c", layers=(1,), tokens=8192, checkpoint_every=4096)
     assert short.checkpoint_warning() is None

@@ -96,8 +96,9 @@ def _harvest_command(card: ModelCard) -> str:
                "chunk_rows": cache["seqs_per_block"] * cache["ctx"]}
     dataset = {"id": cache["dataset"], "config": cache["dataset_config"], "split": cache["split"],
                "revision": cache["dataset_revision"], "text_field": cache["text_field"]}
-    options = (_options(HarvestConfig, harvest, always=("model", "tokens", "ctx"))
-               + _options(DatasetSpec, dataset, always=("id",)))
+    options = (_options(HarvestConfig, {"model": card.model}, always=("model",))
+               + _options(DatasetSpec, dataset, always=("id",))
+               + _options(HarvestConfig, harvest, always=("tokens", "ctx"), skip=("model",)))
     return " ".join(["saecache harvest CACHE", *options])
 
 
@@ -109,10 +110,9 @@ def _train_command(runs: list[ExportRun]) -> str:
     first = ("arch", "expansion")
     options = _options(TrainConfig, {k: recorded[k] for k in first}, always=first)
     options.append(arch_of(spec.arch).option(spec))
-    options += _options(TrainConfig, recorded, always=("tokens",), skip=(*first, "snapshots"))
+    options += _options(TrainConfig, recorded, always=("tokens",), skip=first)
     options += _options(ReaderConfig, recorded, skip=_NO_OPTION)
-    snaps = ",".join(format_count(s) for s in train.get("snapshots", []))
-    return " ".join([f"saecache train CACHE {layers}", *options] + [f"--snapshots {snaps}"] * bool(snaps))
+    return " ".join([f"saecache train CACHE {layers}", *options])
 
 
 _NO_OPTION = ("holdout_fraction", "prefetch_groups")
@@ -129,13 +129,18 @@ def _options(cls: type, recorded: dict, always: tuple[str, ...] = (),
         if name not in recorded or name in skip:
             continue
         value = recorded[name]
+        if value == []:  # no snapshots: no option says so (below 50M tokens the default saves none)
+            continue
         if name in always or (value is not None and value != default_of(field)):
             options.append(_option(field, value))
     return options
 
 
 def _option(field, value) -> str:
-    if rule_of(field).count and isinstance(value, int):
+    rule = rule_of(field)
+    if isinstance(value, list):  # --snapshots 16K,32K
+        return f"{flag_of(field)} {rule.separator.join(format_count(v) for v in value)}"
+    if rule.count and isinstance(value, int):
         return f"{flag_of(field)} {format_count(value)}"
     if isinstance(value, bool):
         return flag_of(field)

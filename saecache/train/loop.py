@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -32,6 +33,8 @@ from saecache.train.config import TrainConfig
 from saecache.train.reader import Plan, PrefetchReader, read_heldout
 from saecache.train.runfolder import RunFolder, RunRecord
 from saecache.train.sister import SisterRun
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig) -> list[SisterRun]:
@@ -148,6 +151,8 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
         start = SisterRun.common_step(runs)
         heldout = None  # read before anything is written: a damaged cache leaves no run behind
         if start < cfg.steps:
+            if warning := cfg.checkpoint_warning():  # said as training starts, not before a refusal
+                log.warning("warning: %s", warning)
             heldout = read_heldout(cache, layer, cfg.reader, cfg.heldout_rows)  # (H, d) fp16
             heldout = heldout.to(cfg.device).float() * scale
         bytes_read = [run.resume(start) for run in runs][0]  # each saved the same reader count
