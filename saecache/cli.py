@@ -235,9 +235,10 @@ def _refuse_runs(path: str) -> None:
         runs = find_runs(path)
     except SaecacheError:
         return  # not runs either: Cache.open says what it is
-    what = "a run folder" if runs[0].dir == Path(path) else f"a RUNS folder ({len(runs)} runs)"
+    one = runs[0].dir == Path(path)
+    what = "a run folder" if one else f"a RUNS folder ({len(runs)} run{'s' * (len(runs) != 1)})"
     where = runs[0].recorded_cache(runs[0].record())
-    info = f", or saecache info {where} for their cache" if where else ""
+    info = f", or saecache info {where} for {'its' if one else 'their'} cache" if where else ""
     raise SaecacheError(f"{path} is {what}, not a cache: see the runs with saecache report {path} "
                         f"--out REPORT{info}")
 
@@ -254,6 +255,7 @@ def verify(cache, threads, storage_option):
     from saecache.storage.verify import verify as run_verify
 
     options = _storage_options(storage_option)
+    _refuse_runs(cache)
     with location_of(cache, options).lock(exclusive=False):  # refused while a harvest writes
         report = run_verify(Cache.open(cache, storage_options=options), threads)
     for problem in report.problems:

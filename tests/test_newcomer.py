@@ -134,6 +134,29 @@ def test_relative_paths_of_earlier_versions_are_found_from_the_folders_above(tmp
     assert RunFolder(run).recorded_cache(record) == "s3://bucket/cache.zarr"
 
 
+def test_a_cache_of_an_earlier_version_with_a_relative_model_resumes_from_elsewhere(
+        tiny_model, tmp_path, monkeypatch):
+    """A cache that recorded its model as ``w/model`` (relative, before 0.3) is the same
+    cache to a harvest run from another folder with the model's absolute path: not refused."""
+    import saecache.harvest.prepare as prepare
+    from saecache.storage.cache import Cache
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model").symlink_to(tiny_model)
+    shutil.copy(DEMO_TEXT, tmp_path / "w" / "text.txt")
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as old:
+        old.setattr(prepare, "resolve_model", lambda model: model)  # as saecache 0.2 recorded it
+        assert invoke("harvest", "w/cache.zarr", *HARVEST).exit_code == 0
+    assert Cache.open("w/cache.zarr").provenance.model == "w/model"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = invoke("harvest", "../w/cache.zarr", *[a if a not in ("w/model", "w/text.txt") else
+                                                   str(tmp_path / a) for a in HARVEST])
+    assert again.exit_code == 0, again.output
+    assert "is already complete" in again.output
+
+
 # ---- the model card's commands reproduce the run ------------------------------------------------
 
 
