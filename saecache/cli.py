@@ -199,12 +199,13 @@ def import_(activations, cache, **values):
                                "or --layer L=FILE for each layer")
     cfg = _config(ImportConfig, values, cache=cache, activations=activations[0] if activations else None)
     result = import_activations(cfg)
-    layers = len(result.cache.layout.layers)
+    n = len(result.cache.layout.layers)
+    layers = f"{n} layer{'s' * (n != 1)}"
     if result.was_complete:
         click.echo(f"cache at {cache} is already complete ({format_tokens(result.cache.layout.n_tokens)} "
-                   f"tokens × {layers} layers): nothing to import", err=True)
+                   f"tokens × {layers}): nothing to import", err=True)
         return
-    click.echo(f"imported {format_tokens(result.tokens_imported)} tokens × {layers} layers in "
+    click.echo(f"imported {format_tokens(result.tokens_imported)} tokens × {layers} in "
                f"{result.seconds:.1f} s ({format_rate(result.bytes_written / max(result.seconds, 1e-9) / 1e6)} "
                f"MB/s written) → {cache}", err=True)
 

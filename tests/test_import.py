@@ -54,7 +54,7 @@ def test_float16_comes_back_bit_for_bit_as_an_ordinary_cache(tmp_path, fp16_file
     cache = tmp_path / "cache.zarr"
     result = import_(fp16_file, cache)
     assert result.exit_code == 0, result.output
-    assert "imported 1024 tokens × 1 layers" in result.output
+    assert "imported 1,024 tokens × 1 layer in" in result.output
     stored = resid(cache)
     assert stored.dtype == np.float16
     np.testing.assert_array_equal(stored.view(np.uint16), np.load(fp16_file).view(np.uint16))
