@@ -151,13 +151,13 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
         start = SisterRun.common_step(runs)
         heldout = None  # read before anything is written: a damaged cache leaves no run behind
         if start < cfg.steps:
-            if warning := cfg.checkpoint_warning():  # said as training starts, not before a refusal
-                log.warning("warning: %s", warning)
             heldout = read_heldout(cache, layer, cfg.reader, cfg.heldout_rows)  # (H, d) fp16
             heldout = heldout.to(cfg.device).float() * scale
         bytes_read = [run.resume(start) for run in runs][0]  # each saved the same reader count
         if heldout is None:
             return runs
+        if warning := cfg.checkpoint_warning():  # as training starts: not before a refusal
+            log.warning("warning: %s", warning)
         with PrefetchReader(cache, layer, cfg.reader, cfg.device) as reader:
             _loop(cfg, runs, _Window(reader, start, bytes_read), heldout, start, scale)
     return runs
