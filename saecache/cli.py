@@ -52,11 +52,19 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+PIPELINE = ("demo", "harvest", "import", "info", "verify", "train", "eval", "report", "export")
+"""The commands in the order they are used, as --help lists them."""
+
+
 class OneLineErrors(click.Group):
     """Every user error ends as one line on stderr and a non-zero exit, never a traceback.
 
     Ctrl-C and SIGTERM end with the resume hint and the shell's exit codes, 130 and 143 (128 +
-    the signal), after every cleanup has run."""
+    the signal), after every cleanup has run. --help lists the commands in pipeline order."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return [n for n in PIPELINE if n in names] + [n for n in names if n not in PIPELINE]
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
@@ -135,7 +143,7 @@ def cli(verbose: bool):
 
 
 
-@cli.command()
+@cli.command(short_help="Run a model once and cache its residual streams.")
 @click.argument("cache")
 @config_options(HarvestConfig, "model", "revision", "dtype")
 @config_options(DatasetSpec, "id", "config", "split", "revision", "text_field", prefix="dataset_")
@@ -144,28 +152,31 @@ def cli(verbose: bool):
                 "no_space_check", "progress")
 @storage_option
 def harvest(cache, **values):
-    """Tokenise DATASET and write every chosen layer's residuals into CACHE.
+    """Tokenise the documents of --dataset and write every chosen layer's residuals into CACHE.
 
     Re-running the same command resumes; a different model, dataset, ctx, layer set or
     token budget against an existing CACHE is refused.
     """
-    from saecache.core.units import format_count
+    from saecache.core.progress import format_rate
+    from saecache.core.units import format_tokens
     from saecache.harvest.loop import harvest as run_harvest
 
     cfg = _config(HarvestConfig, values, cache=cache)
     result = run_harvest(cfg)
+    n = len(result.cache.layout.layers)
+    layers = f"{n} layer{'s' * (n != 1)}"
     if result.was_complete:
-        click.echo(f"cache at {cache} is already complete ({format_count(result.cache.layout.n_tokens)} "
-                   f"tokens × {len(result.cache.layout.layers)} layers): nothing to harvest", err=True)
+        click.echo(f"cache at {cache} is already complete ({format_tokens(result.cache.layout.n_tokens)} "
+                   f"tokens × {layers}): nothing to harvest; train from it with saecache "
+                   f"train {cache}, or give another CACHE (or --overwrite) to harvest again", err=True)
         return
-    rate = result.tokens_harvested / result.seconds if result.seconds else 0.0
-    click.echo(f"harvested {format_count(result.tokens_harvested)} tokens × "
-               f"{len(result.cache.layout.layers)} layers in {result.seconds:.1f} s "
-               f"({rate:,.0f} tok/s, {result.bytes_written / max(result.seconds, 1e-9) / 1e6:,.0f} MB/s) "
-               f"→ {cache}", err=True)
+    seconds = max(result.seconds, 1e-9)
+    click.echo(f"harvested {format_tokens(result.tokens_harvested)} tokens × {layers} in "
+               f"{result.seconds:.1f} s ({format_rate(result.tokens_harvested / seconds)} tok/s, "
+               f"{format_rate(result.bytes_written / seconds / 1e6)} MB/s written) → {cache}", err=True)
 
 
-@cli.command(name="import")
+@cli.command(name="import", short_help="Write activations made elsewhere into a cache.")
 @click.argument("activations", nargs=-1, metavar="[ACTIVATIONS]")
 @click.argument("cache")
 @config_options(ImportConfig, "ctx", "layer_files", "tokens_file", "chunk_rows", "compression",
@@ -179,7 +190,8 @@ def import_(activations, cache, **values):
     as --layer L=FILE instead. Row r is token r % ctx of sequence r // ctx. Re-running the same
     command resumes; other files against an existing CACHE are refused.
     """
-    from saecache.core.units import format_count
+    from saecache.core.progress import format_rate
+    from saecache.core.units import format_tokens
     from saecache.harvest.importer import import_activations
 
     if len(activations) > 1:
@@ -187,17 +199,18 @@ def import_(activations, cache, **values):
                                "or --layer L=FILE for each layer")
     cfg = _config(ImportConfig, values, cache=cache, activations=activations[0] if activations else None)
     result = import_activations(cfg)
-    layers = len(result.cache.layout.layers)
+    n = len(result.cache.layout.layers)
+    layers = f"{n} layer{'s' * (n != 1)}"
     if result.was_complete:
-        click.echo(f"cache at {cache} is already complete ({format_count(result.cache.layout.n_tokens)} "
-                   f"tokens × {layers} layers): nothing to import", err=True)
+        click.echo(f"cache at {cache} is already complete ({format_tokens(result.cache.layout.n_tokens)} "
+                   f"tokens × {layers}): nothing to import", err=True)
         return
-    click.echo(f"imported {format_count(result.tokens_imported)} tokens × {layers} layers in "
-               f"{result.seconds:.1f} s ({result.bytes_written / max(result.seconds, 1e-9) / 1e6:,.0f} "
-               f"MB/s) → {cache}", err=True)
+    click.echo(f"imported {format_tokens(result.tokens_imported)} tokens × {layers} in "
+               f"{result.seconds:.1f} s ({format_rate(result.bytes_written / max(result.seconds, 1e-9) / 1e6)} "
+               f"MB/s written) → {cache}", err=True)
 
 
-@cli.command()
+@cli.command(short_help="Show what a cache holds and how far its harvest got.")
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @storage_option
@@ -206,11 +219,32 @@ def info(cache, as_json, storage_option):
     from saecache.storage.cache import Cache
     from saecache.storage.info import describe, format_info
 
+    _refuse_runs(cache)
     description = describe(Cache.open(cache, storage_options=_storage_options(storage_option)))
     click.echo(json.dumps(description, indent=2) if as_json else format_info(description))
 
 
-@cli.command()
+def _refuse_runs(path: str) -> None:
+    """One line saying what to run when ``path`` is a run or RUNS folder, not a cache."""
+    from pathlib import Path
+
+    from saecache.train.runfolder import find_runs
+
+    if "://" in path or not Path(path).is_dir() or (Path(path) / "zarr.json").exists():
+        return
+    try:
+        runs = find_runs(path)
+    except SaecacheError:
+        return  # not runs either: Cache.open says what it is
+    one = runs[0].dir == Path(path)
+    what = "a run folder" if one else f"a RUNS folder ({len(runs)} run{'s' * (len(runs) != 1)})"
+    where = runs[0].recorded_cache(runs[0].record())
+    info = f", or saecache info {where} for {'its' if one else 'their'} cache" if where else ""
+    raise SaecacheError(f"{path} is {what}, not a cache: see the runs with saecache report {path} "
+                        f"--out REPORT{info}")
+
+
+@cli.command(short_help="Check every chunk of a cache against its checksum.")
 @click.argument("cache")
 @click.option("--threads", type=click.IntRange(min=1), default=VERIFY_THREADS, show_default=True,
               help="Chunks read in parallel.")
@@ -222,6 +256,7 @@ def verify(cache, threads, storage_option):
     from saecache.storage.verify import verify as run_verify
 
     options = _storage_options(storage_option)
+    _refuse_runs(cache)
     with location_of(cache, options).lock(exclusive=False):  # refused while a harvest writes
         report = run_verify(Cache.open(cache, storage_options=options), threads)
     for problem in report.problems:
@@ -234,7 +269,7 @@ def verify(cache, threads, storage_option):
     click.echo("ok")
 
 
-@cli.command()
+@cli.command(short_help="Train sparse autoencoders on layers of a cache.")
 @click.argument("cache")
 @config_options(TrainConfig, "layers", "out", "arch", "expansion", "l1", "k", "tokens", "snapshots")
 @config_options(ReaderConfig, "batch_size", prefix="reader_")
@@ -251,13 +286,19 @@ def train(cache, **values):
     Re-running the same command resumes from the last checkpoint; an existing run with other
     settings is refused.
     """
+    from saecache.core.units import format_tokens
     from saecache.train.loop import train as run_train
 
-    for run in run_train(_config(TrainConfig, values, cache=cache)):
-        click.echo(f"{run.folder.dir}: {run.summary()}")
+    cfg = _config(TrainConfig, values, cache=cache)
+    for run in run_train(cfg):
+        if run.start_step is not None and run.start_step >= cfg.steps:
+            click.echo(f"{run.folder.dir}: already trained ({format_tokens(cfg.tokens)} tokens), nothing "
+                       f"to do; {run.summary()}; to train longer, give a larger --tokens and another --out")
+        else:
+            click.echo(f"{run.folder.dir}: {run.summary()}")
 
 
-@cli.command(name="eval")
+@cli.command(name="eval", short_help="Splice SAEs into the model: CE loss recovered, KL, L0, FVU.")
 @click.argument("runs")
 @config_options(EvalConfig, "model", "cache", "snapshot", "max_seqs", "batch_size", "device")
 @storage_option
@@ -274,7 +315,7 @@ def eval_(runs, **values):
                        f"dead {100 * r['dead_fraction']:.1f}%, dense {100 * r['dense_fraction']:.1f}%")
 
 
-@cli.command()
+@cli.command(short_help="Plots and tables of the runs in a RUNS folder.")
 @click.argument("runs")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
 @config_options(FitOptions, "metric", "cutoff", "skip")
@@ -287,7 +328,7 @@ def report(runs, out, **values):
     click.echo(f"wrote {write_report(runs, out, metric=fit.metric, cutoff=fit.cutoff, skip=fit.skip)}")
 
 
-@cli.command()
+@cli.command(short_help="Write runs as SAELens folders or .pt files, with a model card.")
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--format", "fmt", type=click.Choice(["saelens", "pt"]), required=True,
               help="saelens: cfg.json + sae_weights.safetensors per layer; pt: sae_layer{LL}_{SNAP}.pt files.")
@@ -309,7 +350,7 @@ def export(runs, fmt, out, snapshot, repo_id):
         click.echo(f"pushed to {push(out, repo_id)}")
 
 
-@cli.command()
+@cli.command(short_help="Run the whole pipeline offline on a tiny built-in model.")
 @click.option("--out", default="saecache-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the tiny model and the demo cache.")
 @click.option("--device", default=None, help="torch device. [default: cuda if available, else cpu]")

@@ -43,9 +43,12 @@ def test_info_json_is_what_0_1_0_printed_but_the_location(old_cache):
 
 
 def test_info_text_is_what_0_1_0_printed_but_the_location(old_cache):
+    """…and token counts that no decimal suffix spells exactly, now in full (1,024: issue 12)."""
     result = run("info", old_cache)
     assert result.exit_code == 0, result.output
     golden = (GOLDEN / "info.txt").read_text()
+    golden = golden.replace("1024 in", "1,024 in").replace("(budget 1024)", "(budget 1,024)")
+    golden = golden.replace("blocks, 1024 tokens", "blocks, 1,024 tokens")
     assert result.output == golden.replace("cache        cache.zarr", f"cache        {old_cache}", 1)
 
 

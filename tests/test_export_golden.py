@@ -70,8 +70,31 @@ def sections(card: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("fmt", ["pt", "saelens"])
 def test_card_is_the_one_saecache_0_1_0_wrote(fmt, tmp_path, monkeypatch):
+    """Section by section, but for Reproducing, whose commands now give every recorded option
+    (0.1.0's left out the harvest's --chunk-rows, among others: issue 12)."""
     out = export(copy_runs(tmp_path, with_eval=False), fmt, monkeypatch)
-    assert (out / "README.md").read_text() == golden_card(fmt)
+    card, golden = sections((out / "README.md").read_text()), sections(golden_card(fmt))
+    assert {k: v for k, v in card.items() if k != REPRODUCING} == \
+        {k: v for k, v in golden.items() if k != REPRODUCING}
+    commands, old = (_commands(c[REPRODUCING]) for c in (card, golden))
+    for new_command, old_command in zip(commands, old, strict=True):
+        assert new_command[:2] == old_command[:2]
+        assert set(_pairs(old_command)) <= set(_pairs(new_command)), (old_command, new_command)
+    assert "--chunk-rows 64" in " ".join(commands[0])  # 4 sequences of ctx 16 per chunk
+
+
+REPRODUCING = "## Reproducing"
+
+
+def _commands(section: str) -> list[list[str]]:
+    block = section.split("```bash\n")[1].split("```")[0]
+    return [line.split() for line in block.splitlines() if line.strip()]
+
+
+def _pairs(command: list[str]) -> list[str]:
+    """'--flag value' (or '--flag' alone) of a command, in any order."""
+    return [f"{a} {b}" if not b.startswith("--") else a
+            for a, b in zip(command, command[1:] + ["--"]) if a.startswith("--")]
 
 
 def test_saelens_cfg_is_the_one_saecache_0_1_0_wrote(tmp_path, monkeypatch):
@@ -101,8 +124,8 @@ def test_files_are_the_snapshots_own(tmp_path, monkeypatch):
 def test_eval_json_adds_only_the_ce_loss_recovered_column(fmt, tmp_path, monkeypatch):
     out = export(copy_runs(tmp_path, with_eval=True), fmt, monkeypatch)
     card, golden = sections((out / "README.md").read_text()), sections(golden_card(fmt))
-    assert {k: v for k, v in card.items() if k != METRICS} == \
-        {k: v for k, v in golden.items() if k != METRICS}
+    assert {k: v for k, v in card.items() if k not in (METRICS, REPRODUCING)} == \
+        {k: v for k, v in golden.items() if k not in (METRICS, REPRODUCING)}
     run = EXPORTS[fmt][0]
     results = json.loads((tmp_path / "runs" / run / "eval.json").read_text())["snapshots"]
     ce = results[f"sae_{run.split('-')[0]}_final.pt"]["ce_loss_recovered"]

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from zarr.storage import LocalStore
 
 from saecache.cli import cli
-from saecache.core.units import format_count
+from saecache.core.units import format_tokens
 from saecache.demo.tiny import DEMO_TEXT, TinyModelConfig, build_tiny_model
 from saecache.harvest import identity
 from saecache.harvest.identity import folder_fingerprint
@@ -126,8 +126,10 @@ def test_a_complete_cache_is_already_complete_and_a_missing_chunk_is_one_line(tm
     again = CliRunner().invoke(cli, args(cache, model))
     assert again.exit_code == 0
     lay = Cache.open(str(cache)).layout
-    assert again.output.strip() == (f"cache at {cache} is already complete ({format_count(lay.n_tokens)} tokens × "
-                                    f"{len(lay.layers)} layers): nothing to harvest")
+    assert again.output.strip() == (f"cache at {cache} is already complete ({format_tokens(lay.n_tokens)} tokens × "
+                                    f"{len(lay.layers)} layers): nothing to harvest; train from it with "
+                                    f"saecache train {cache}, or give another CACHE (or --overwrite) to "
+                                    "harvest again")
     assert tree_digest(cache) == before
     (cache / "resid" / "02" / "c" / "5" / "0").unlink()  # a committed block's chunk gone
     assert_one_line_error(CliRunner().invoke(cli, args(cache, model)),

@@ -54,7 +54,7 @@ def test_float16_comes_back_bit_for_bit_as_an_ordinary_cache(tmp_path, fp16_file
     cache = tmp_path / "cache.zarr"
     result = import_(fp16_file, cache)
     assert result.exit_code == 0, result.output
-    assert "imported 1024 tokens × 1 layers" in result.output
+    assert "imported 1,024 tokens × 1 layer in" in result.output
     stored = resid(cache)
     assert stored.dtype == np.float16
     np.testing.assert_array_equal(stored.view(np.uint16), np.load(fp16_file).view(np.uint16))
@@ -246,7 +246,14 @@ def test_train_runs_on_it_and_eval_says_ce_loss_needs_token_ids(tmp_path, fp16_f
     np.save(tmp_path / "ids.npy", np.zeros(4096, np.int64))
     with_ids = tmp_path / "with-ids"
     assert import_(tmp_path / "big.npy", with_ids, "--tokens-file", tmp_path / "ids.npy").exit_code == 0
-    assert_one_line_error(run("eval", runs, "--cache", with_ids, "--device", "cpu"), "pass --model")
+    # another import (with token ids) is another cache: --cache is checked to be the run's own
+    assert_one_line_error(run("eval", runs, "--cache", with_ids, "--device", "cpu"),
+                          "is not the cache run", "its dataset is")
+    runs_with_ids = tmp_path / "runs-with-ids"
+    assert run("train", with_ids, "--layer", 0, "--out", runs_with_ids, "--expansion", 2, "--tokens",
+               1024, "--batch-size", 128, "--device", "cpu", "--reader-threads", 1,
+               "--no-progress").exit_code == 0
+    assert_one_line_error(run("eval", runs_with_ids, "--device", "cpu"), "pass --model")
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])

@@ -111,6 +111,8 @@ def field_option(cls: type, name: str, prefix: str = "", **overrides: Any):
     else:
         item = _item_type(rule, hint)
         kwargs["type"] = Separated(item, rule.separator) if rule.separator else item
+    if rule.metavar is not None:
+        kwargs["metavar"] = rule.metavar
     kwargs.update(overrides)
     return click.option(*decls, prefix + name, **kwargs)
 

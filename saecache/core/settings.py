@@ -45,6 +45,8 @@ class Rule:
     """Option name when it is not --field-name."""
     show: str | None = None
     """Default as the help shows it (e.g. 300M), when not the value itself."""
+    metavar: str | None = None
+    """What the help calls the value, when not its type (TEXT, INTEGER)."""
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` breaks this rule (None: it does not); every number must be finite."""

@@ -1,34 +1,49 @@
-"""Token counts as people write them: ``300M``, ``1.5B``, ``100K``, ``300_000_000``."""
+"""Token counts as people write them: ``300M``, ``1.5B``, ``100K``, ``64Ki``, ``300_000_000``.
+
+One convention everywhere: K, M, B (or G) and T are decimal (K = 1,000), Ki, Mi, Gi and Ti are
+binary (Ki = 1,024). Counts are printed with decimal suffixes only when exact (``50M``), else in
+full (``65,536``), so that a printed count is never read with the other convention.
+"""
 
 from __future__ import annotations
 
 import re
 
-_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-_PATTERN = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([KMBGT]?)\s*$", re.IGNORECASE)
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+_PATTERN = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?)\s*([KMBGT]i?)?\s*$", re.IGNORECASE)
 
 
 def parse_count(text: str | int) -> int:
-    """``"1.5B"`` → 1_500_000_000. Raises ValueError naming the text if it is not a count."""
+    """``"1.5B"`` → 1_500_000_000, ``"64Ki"`` → 65_536, ``"65,536"`` → 65_536. Raises
+    ValueError naming the text if it is not a count."""
     if isinstance(text, int):
         return text
     match = _PATTERN.match(str(text))
     if not match:
-        raise ValueError(f"{text!r} is not a count: write 300M, 1.5B, 100K or 300_000_000")
+        raise ValueError(f"{text!r} is not a count: write 300M, 1.5B, 100K (K = 1,000), 64Ki "
+                         "(Ki = 1,024) or 300_000_000")
     number, suffix = match.groups()
-    value = float(number.replace("_", "")) * _SUFFIXES[suffix.upper()]
+    value = float(number.replace("_", "").replace(",", "")) * _SUFFIXES[(suffix or "").upper()]
     if value != int(value):
         raise ValueError(f"{text!r} is not a whole number of tokens")
     return int(value)
 
 
 def format_count(n: int) -> str:
-    """The shortest exact spelling: 50_000_000 → ``50M``, 100_000 → ``100K``, 1234 → ``1234``."""
+    """The shortest exact spelling in file names and commands: 50_000_000 → ``50M``, 100_000
+    → ``100K``, 65_536 → ``65536`` (decimal suffixes only: a snapshot's name never changes)."""
     for suffix in ("T", "B", "M", "K"):
         scale = _SUFFIXES[suffix]
         if n >= scale and n % scale == 0:
             return f"{n // scale}{suffix}"
     return str(n)
+
+
+def format_tokens(n: int) -> str:
+    """A count in a message: ``50M`` when a decimal suffix is exact, else ``65,536`` in full."""
+    text = format_count(n)
+    return text if not text.isdigit() else f"{n:,}"
 
 
 def format_layers(layers, dash: str = "-", sep: str = ",") -> str:

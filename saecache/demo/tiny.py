@@ -130,8 +130,10 @@ def _pretrain(model: GPTNeoXForCausalLM, tokenizer, cfg: TinyModelConfig, ctx: i
     """A few AdamW steps of next-token prediction on random windows of the bundled text."""
     if not cfg.pretrain_steps:
         return
+    # verbose=False: a paragraph may be longer than model_max_length; the windows below cut it
     ids = [i for doc in _paragraphs(DEMO_TEXT)
-           for i in tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+           for i in tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+           + [tokenizer.eos_token_id]]
     stream = torch.tensor(ids)  # (n,)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

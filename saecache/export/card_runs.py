@@ -11,6 +11,8 @@ from saecache import __version__
 from saecache.core.settings import default_of, flag_of, rule_of
 from saecache.core.units import format_count, format_layers
 from saecache.export.runs import ExportRun, sister_families
+from saecache.harvest.config import HarvestConfig
+from saecache.harvest.corpus import DatasetSpec
 from saecache.sae.archs import arch_of
 from saecache.train.config import ReaderConfig, TrainConfig
 
@@ -68,46 +70,85 @@ def _num(value, fmt: str) -> str:
 
 
 def reproducing(card: ModelCard) -> str:
-    """The harvest, then one train command per group of runs trained alike."""
-    cache = card.cache
-    lines = [f"saecache harvest CACHE --model {card.model} --dataset {cache['dataset']} "
-             f"--tokens {format_count(cache['token_budget'])} --ctx {cache['ctx']}"]
+    """The harvest, then one train command per group of runs trained alike: every recorded
+    setting that is not its default, as the option that sets it (generated from the configs'
+    fields, so a new option is never left out)."""
     groups: dict[str, list[ExportRun]] = {}
     for run in card.runs:
-        key = json.dumps([run.spec.family, run.record.train], sort_keys=True)
+        key = json.dumps([run.spec.family, run.record.train, run.record.logging], sort_keys=True)
         groups.setdefault(key, []).append(run)
-    lines += [_train_command(runs) for runs in groups.values()]
+    lines = [_harvest_command(card)] + [_train_command(runs) for runs in groups.values()]
+    notes = [f"`{flag}` was {value}, which has no option: set it in TrainConfig to reproduce"
+             for runs in groups.values() for flag, value in _unreachable(runs[0].record.train)]
     return ("## Reproducing\n\n```bash\n" + "\n".join(lines) + "\n```\n\n"
-            f"Every setting is in each run's run.json; saecache {__version__}.")
+            + "".join(f"{note}.\n\n" for note in dict.fromkeys(notes))
+            + "Every setting is in each run's run.json; the harvest's --batch-size is not recorded "
+            f"(on a GPU it can change the last bits of the activations); saecache {__version__}.")
+
+
+def _harvest_command(card: ModelCard) -> str:
+    """`saecache harvest` of the cache, from what the runs recorded of it (only the exported
+    layers: each layer's residuals do not depend on the others)."""
+    cache = card.cache
+    harvest = {"model": card.model, "revision": cache["revision"], "dtype": cache["dtype"],
+               "tokens": cache["token_budget"], "ctx": cache["ctx"],
+               "layers": format_layers(r.spec.layer for r in card.runs),
+               "chunk_rows": cache["seqs_per_block"] * cache["ctx"]}
+    dataset = {"id": cache["dataset"], "config": cache["dataset_config"], "split": cache["split"],
+               "revision": cache["dataset_revision"], "text_field": cache["text_field"]}
+    options = (_options(HarvestConfig, {"model": card.model}, always=("model",))
+               + _options(DatasetSpec, dataset, always=("id",))
+               + _options(HarvestConfig, harvest, always=("tokens", "ctx"), skip=("model",)))
+    return " ".join(["saecache harvest CACHE", *options])
 
 
 def _train_command(runs: list[ExportRun]) -> str:
     """`saecache train` for runs of one family trained with the same settings."""
     spec, train = runs[0].spec, runs[0].record.train
     layers = " ".join(f"--layer {r.spec.layer}" for r in runs)
-    snaps = ",".join(format_count(s) for s in train.get("snapshots", []))
-    return " ".join([f"saecache train CACHE {layers} --arch {spec.arch} --expansion {spec.expansion}",
-                     arch_of(spec.arch).option(spec), f"--tokens {format_count(train['tokens'])}",
-                     f"--snapshots {snaps}" if snaps else "", *_other_options(train)]).replace("  ", " ")
+    recorded = {**train, **(runs[0].record.logging or {})}
+    first = ("arch", "expansion")
+    options = _options(TrainConfig, {k: recorded[k] for k in first}, always=first)
+    options.append(arch_of(spec.arch).option(spec))
+    options += _options(TrainConfig, recorded, always=("tokens",), skip=first)
+    options += _options(ReaderConfig, recorded, skip=_NO_OPTION)
+    return " ".join([f"saecache train CACHE {layers}", *options])
 
 
-_SHOWN = ("arch", "expansion", "tokens", "snapshots")  # written first, above
+_NO_OPTION = ("holdout_fraction", "prefetch_groups")
+"""ReaderConfig fields that `saecache train` has no option for."""
 
 
-def _other_options(train: dict) -> list[str]:
-    """Every other setting of run.json's train record that is not its default, as an option."""
+def _options(cls: type, recorded: dict, always: tuple[str, ...] = (),
+             skip: tuple[str, ...] = ()) -> list[str]:
+    """``--flag value`` for every field of ``cls`` in ``recorded`` whose value is not its
+    default (or is in ``always``), in the order of the fields."""
     options = []
-    for cls in (TrainConfig, ReaderConfig):
-        for field in fields(cls):
-            if field.name in _SHOWN or field.name not in train:
-                continue
-            value, default = train[field.name], default_of(field)
-            if value != default:
-                options.append(f"{flag_of(field)} {_value(field, value)}")
+    for field in fields(cls):
+        name = field.name
+        if name not in recorded or name in skip:
+            continue
+        value = recorded[name]
+        if value == []:  # no snapshots: no option says so (below 50M tokens the default saves none)
+            continue
+        if name in always or (value is not None and value != default_of(field)):
+            options.append(_option(field, value))
     return options
 
 
-def _value(field, value) -> str:
-    if rule_of(field).count and isinstance(value, int):
-        return format_count(value)
-    return repr(value) if isinstance(value, float) else str(value)
+def _option(field, value) -> str:
+    rule = rule_of(field)
+    if isinstance(value, list):  # --snapshots 16K,32K
+        return f"{flag_of(field)} {rule.separator.join(format_count(v) for v in value)}"
+    if rule.count and isinstance(value, int):
+        return f"{flag_of(field)} {format_count(value)}"
+    if isinstance(value, bool):
+        return flag_of(field)
+    return f"{flag_of(field)} {repr(value) if isinstance(value, float) else value}"
+
+
+def _unreachable(train: dict) -> list[tuple[str, object]]:
+    """Recorded settings that differ from their default but that no option sets."""
+    return [(field.name, train[field.name]) for field in fields(ReaderConfig)
+            if field.name in _NO_OPTION and field.name in train
+            and train[field.name] != default_of(field)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from saecache import __version__
-from saecache.core.atomic import write_json
+from saecache.core.atomic import atomic_write, write_json
 from saecache.core.errors import SaecacheError, first_line
 from saecache.export.folder import publish
 from saecache.export.layout import SAELENS_CFG, SAELENS_WEIGHTS, ExportedFile, transformer_lens_hook
@@ -53,13 +53,15 @@ def export_saelens(runs: Iterable[str | Path], out: str | Path, snapshot: str = 
 
 def write_saelens_folder(run: ExportRun, snapshot: Snapshot, folder: Path) -> None:
     """cfg.json and sae_weights.safetensors of one snapshot, in ``folder``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = load_snapshot(snapshot.path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {key: state[key].to(torch.float32).contiguous()
                for key in SNAPSHOT_TENSORS_BY_ARCH[state["cfg"]["arch"]]}
-    save_file(tensors, str(folder / SAELENS_WEIGHTS))
+    # safetensors' save_file creates its file with mode 0600; through atomic_write the file
+    # gets the umask's mode, as every other file of the export
+    atomic_write(folder / SAELENS_WEIGHTS, lambda f: f.write(save(tensors)))
     write_json(folder / SAELENS_CFG, saelens_config(state["cfg"], run, snapshot))
 
 

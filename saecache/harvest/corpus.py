@@ -24,7 +24,7 @@ SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 class DatasetSpec:
     """Which documents to read."""
 
-    id: str = setting(DEFAULT_DATASET, flag="--dataset")
+    id: str = setting(DEFAULT_DATASET, flag="--dataset", metavar="ID|PATH")
     """Hub dataset id (streamed) or a local .jsonl/.txt/.parquet file, folder or saved dataset."""
     config: str | None = setting(None, flag="--dataset-config")
     """Dataset configuration name."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from saecache.storage.cache import Cache
 from saecache.storage.layout import CacheLayout
 from saecache.storage.verify import missing_chunks
 from saecache.storage.location import location_of
-from saecache.storage.provenance import Provenance
+from saecache.storage.provenance import Provenance, ancestors, resolve_model
 from saecache.storage.space import bytes_to_write, check_space
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ def describe(cfg: HarvestConfig, config, tokenizer) -> tuple[Provenance, CacheLa
         raise SaecacheError(f"--ctx {cfg.ctx} is longer than {cfg.model} allows ({max_ctx}): "
                             f"use --ctx {max_ctx} or less")
     architecture = (config.architectures or [type(config).__name__])[0]
+    model = resolve_model(cfg.model)  # a local folder as an absolute path: caches move, cwd changes
     provenance = Provenance(
-        model=cfg.model, revision=cfg.revision, dtype=cfg.dtype, architecture=architecture,
-        blocks=blocks_path_of(config, n_layers), n_layers=n_layers, tokenizer=cfg.model, vocab_hash=vocab_hash(tokenizer),
+        model=model, revision=cfg.revision, dtype=cfg.dtype, architecture=architecture,
+        blocks=blocks_path_of(config, n_layers), n_layers=n_layers, tokenizer=model, vocab_hash=vocab_hash(tokenizer),
         eos_token_id=int(tokenizer.eos_token_id), dataset=cfg.dataset.canonical_id(),
         dataset_config=cfg.dataset.config, split=cfg.dataset.split,
         dataset_revision=cfg.dataset.revision, text_field=cfg.dataset.text_field,
@@ -80,7 +82,7 @@ def open_or_create(cfg: HarvestConfig, provenance: Provenance, layout: CacheLayo
     cache = None
     if exists and not cfg.overwrite:
         cache = Cache.open(cfg.cache, writable=True, storage_options=cfg.storage_options)
-        check_resumable(cache, provenance, layout)
+        check_resumable(cache, as_recorded(cache, provenance), layout)
         if not cache.complete:
             committed = cache.committed() if cache.tokens_done else None
             _check_space(cfg, bytes_to_write(cache.layout, cfg.tokens, committed))
@@ -103,6 +105,15 @@ def open_or_create(cfg: HarvestConfig, provenance: Provenance, layout: CacheLayo
 def _check_space(cfg: HarvestConfig, needed: int, reclaimed: int = 0) -> None:
     if not cfg.no_space_check:
         check_space(location_of(cfg.cache, cfg.storage_options), needed, "harvest", reclaimed)
+
+
+def as_recorded(cache: Cache, provenance: Provenance) -> Provenance:
+    """``provenance`` naming its model as ``cache`` does when both name the same folder: a
+    cache from before saecache 0.3 recorded a local model relative to the working directory."""
+    recorded = cache.provenance.model
+    if recorded != provenance.model and resolve_model(recorded, ancestors(cache.location)) == provenance.model:
+        return replace(provenance, model=recorded, tokenizer=cache.provenance.tokenizer)
+    return provenance
 
 
 def check_resumable(cache: Cache, provenance: Provenance, layout: CacheLayout) -> None:

@@ -8,7 +8,7 @@ from saecache.storage import layout as names
 from saecache.storage.cache import Cache
 from saecache.storage.space import bytes_to_write, format_bytes
 from saecache.storage.stats import per_layer
-from saecache.core.units import format_count, format_layers
+from saecache.core.units import format_layers, format_tokens
 
 
 def describe(cache: Cache) -> dict:
@@ -73,11 +73,11 @@ def format_info(info: dict) -> str:
         f"revision={p['dataset_revision']} field={p['text_field']}",
         f"layout       ctx {lay['ctx']}, d {lay['d']}, layers {format_layers(lay['layers'])}, "
         f"{lay['rows_per_chunk']} rows/chunk, compression {lay['compression']}, crc32c",
-        f"tokens       {format_count(lay['n_tokens'])} in {lay['n_seq']} sequences "
-        f"(budget {format_count(p['token_budget'])})" if prog["tokens_done"] else
+        f"tokens       {format_tokens(lay['n_tokens'])} in {lay['n_seq']:,} sequences "
+        f"(budget {format_tokens(p['token_budget'])})" if prog["tokens_done"] else
         "tokens       tokenisation not finished",
         f"progress     {prog['blocks_committed']}/{prog['n_blocks']} blocks, "
-        f"{format_count(prog['tokens_committed'])} tokens" + ("  complete" if prog["complete"] else ""),
+        f"{format_tokens(prog['tokens_committed'])} tokens" + ("  complete" if prog["complete"] else ""),
         f"on disk      {st['bytes_on_disk'] / gib:.3f} GiB; residuals {st['resid_bytes_stored'] / gib:.3f} GiB "
         f"stored for {st['resid_bytes_logical'] / gib:.3f} GiB ({ratio})",
     ]

@@ -34,7 +34,7 @@ COMPRESSIONS = ("none", "zstd")
 _IDENTITY = (
     ("ctx", "ctx"),
     ("layers", "layers"),
-    ("sequences per block (--chunk-rows)", "seqs_per_block"),
+    ("rows per chunk (--chunk-rows)", "seqs_per_block"),
     ("compression", "compression"),
 )
 
@@ -100,8 +100,17 @@ class CacheLayout:
         """Human-readable differences in what a resumed harvest must keep (the sequence count
         is not compared: it is known only once tokenisation has finished)."""
         mine, theirs = self.to_json(), requested.to_json()  # layers as lists, as messages show them
-        return [f"{label} is {mine[name]!r} in the cache, not {theirs[name]!r}"
-                for label, name in _IDENTITY if mine[name] != theirs[name]]
+        found = []
+        for label, name in _IDENTITY:
+            if mine[name] == theirs[name]:
+                continue
+            if name == "seqs_per_block":  # said in rows, as --chunk-rows asks for them
+                found.append(f"rows per chunk (--chunk-rows) is {self.rows_per_block} in the cache "
+                             f"({self.seqs_per_block} sequences of ctx {self.ctx}), not "
+                             f"{requested.rows_per_block}")
+            else:
+                found.append(f"{label} is {mine[name]!r} in the cache, not {theirs[name]!r}")
+        return found
 
     def nodes(self) -> dict[str, NodeShape]:
         """Every array of a cache with this layout: name → shape, chunks and dtype."""

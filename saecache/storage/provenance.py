@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 # Fields that identify the data; a difference in any of them makes a different cache.
 # (label in messages, field name)
@@ -30,7 +33,7 @@ class Provenance:
     """The model, tokenizer and data behind a cache."""
 
     model: str
-    """Hub id or local path given to ``from_pretrained``."""
+    """Hub id, or the absolute path of a local folder (relative, as given, before saecache 0.3)."""
     revision: str | None
     """Model revision asked for (None: the default branch)."""
     dtype: str
@@ -113,3 +116,29 @@ def _short(fingerprint: str) -> str:
     kind, _, digest = fingerprint.partition(":")
     short = f"{digest[:12]}…" if len(digest) > 12 else digest
     return short if kind == "commit" else f"{kind}:{short}"
+
+
+def resolve_model(model: str, bases: Iterable[Path] = ()) -> str:
+    """``model`` as ``from_pretrained`` must be given it from any working directory: a local
+    folder as an absolute path, anything else (a Hub id) unchanged.
+
+    A relative path, as saecache before 0.3 recorded it (relative to the working directory of
+    the harvest, which is not known), is looked for under each of ``bases`` in turn (the
+    folders that held the cache: the harvest ran in one of them), then the working directory."""
+    return resolve_recorded(model, bases) or model
+
+
+def resolve_recorded(text: str, bases: Iterable[Path] = ()) -> str | None:
+    """The absolute path of the existing folder ``text`` names, looked for under ``bases``
+    then the working directory when relative (None: no such folder)."""
+    path = Path(text).expanduser()
+    candidates = [path] if path.is_absolute() else [Path(base) / path for base in bases] + [path]
+    found = next((c for c in candidates if c.is_dir()), None)
+    return os.path.abspath(found) if found is not None else None
+
+
+def ancestors(location: str) -> list[Path]:
+    """The folders holding a local ``location``, nearest first ([] for a URL)."""
+    if "://" in location:
+        return []
+    return list(Path(os.path.abspath(location)).parents)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from saecache.core.devices import default_device
 from saecache.core.settings import result_fields, setting, validate
-from saecache.core.units import format_count
+from saecache.core.units import format_count, format_tokens
 from saecache.sae.archs import ARCHS, arch_of
 from saecache.sae.spec import RunSpec
 
@@ -108,6 +109,8 @@ class TrainConfig:
 
     def __post_init__(self):
         validate(self)
+        if "://" not in self.cache:  # run.json records where the cache is, from any directory
+            self.cache = os.path.abspath(self.cache)
         self.layers = tuple(dict.fromkeys(self.layers))
         if self.snapshots is None:
             self.snapshots = tuple(s for s in SNAPSHOTS if s < self.tokens)
@@ -138,6 +141,22 @@ class TrainConfig:
         n_features = None if d is None else self.expansion * d
         sparsities = arch_of(self.arch).sparsities(self.l1, self.k, d or 1, n_features)
         return [RunSpec(layer, self.arch, self.expansion, **s) for s in sparsities]
+
+    def checkpoint_warning(self) -> str | None:
+        """One line when no checkpoint falls inside the run (--checkpoint-every ≥ --tokens):
+        an interrupted run would restart from its last snapshot, or from zero."""
+        if self.checkpoint_every < self.tokens:
+            return None
+        since = "its last snapshot (--snapshots)" if self.snapshots else "zero"
+        return (f"--checkpoint-every {format_tokens(self.checkpoint_every)} is not less than --tokens "
+                f"{format_tokens(self.tokens)}: no checkpoint is saved before the end, so an "
+                f"interrupted run restarts from {since}; pass a smaller --checkpoint-every to be "
+                "able to resume mid-run")
+
+    def logging(self) -> dict:
+        """The settings of what a run measures, not of its weights: recorded in run.json (not
+        compared when resuming) so that the model card's commands reproduce metrics.jsonl too."""
+        return {"log_every": self.log_every, "heldout_rows": self.heldout_rows}
 
     def learning_rate(self, n_features: int) -> float:
         """--lr, or by default Gao et al.'s 2e-4 / √(F / 2^14) for F features."""

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -33,6 +34,8 @@ from saecache.train.reader import Plan, PrefetchReader, read_heldout
 from saecache.train.runfolder import RunFolder, RunRecord
 from saecache.train.sister import SisterRun
 from saecache.train.trainer import set_precision
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig) -> list[SisterRun]:
@@ -134,7 +137,7 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
     stats, d = cache.layer_stats(layer), cache.layout.d
     scale = math.sqrt(d) / stats.mean_norm  # E‖x·scale‖ = √d
     mean = torch.from_numpy(stats.mean * scale).float()  # (d,) where b_dec starts
-    records = [RunRecord(spec, cfg.identity(), run_identity(cache, layer), scale, cfg.cache)
+    records = [RunRecord(spec, cfg.identity(), run_identity(cache, layer), scale, cfg.cache, cfg.logging())
                for spec in cfg.run_specs(layer, d)]
     with ExitStack() as held:  # each run folder's writer lock, from before run.json is read
         for folder in (RunFolder.of(cfg.out, r.spec) for r in records):
@@ -148,6 +151,8 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
         bytes_read = [run.resume(start) for run in runs][0]  # each saved the same reader count
         if heldout is None:
             return runs
+        if warning := cfg.checkpoint_warning():  # as training starts: not before a refusal
+            log.warning("warning: %s", warning)
         with PrefetchReader(cache, layer, cfg.reader, cfg.device) as reader:
             _loop(cfg, runs, _Window(reader, start, bytes_read, cfg.device), heldout, start, scale)
     return runs
@@ -155,7 +160,7 @@ def train_layer(cfg: TrainConfig, cache: Cache, layer: int) -> list[SisterRun]:
 
 def _loop(cfg: TrainConfig, runs: list[SisterRun], window: _Window, heldout, start: int,
           scale: float) -> None:
-    progress = Progress(cfg.tokens, f"layer {runs[0].spec.layer}", cfg.progress)
+    progress = Progress(cfg.tokens, f"layer {runs[0].spec.layer}", cfg.progress, moved="read")
     progress.update(start * cfg.batch_size)
     snapshot_steps = {-(-s // cfg.batch_size) - 1: s for s in cfg.snapshots}  # step reaching s
     every = max(1, cfg.checkpoint_every // cfg.batch_size)
@@ -176,7 +181,7 @@ def _loop(cfg: TrainConfig, runs: list[SisterRun], window: _Window, heldout, sta
             if step in snapshot_steps or last or (step + 1) % every == 0:
                 for run in runs:
                     run.checkpoint(step + 1, window.bytes_read)
-            progress.update(cfg.batch_size)
+            progress.update(cfg.batch_size, window.reader.bytes_read)  # this process's reads
     finally:
         progress.close()
 

@@ -12,6 +12,7 @@ Every path and file name of a run is computed here and nowhere else.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from saecache.core.errors import SaecacheError
 from saecache.core.units import format_count, parse_count
 from saecache.sae.archs import arch_of
 from saecache.sae.spec import RunSpec
+from saecache.storage.provenance import ancestors, resolve_recorded
 
 RUN_FILE, METRICS_FILE, EVAL_FILE, CHECKPOINTS = "run.json", "metrics.jsonl", "eval.json", "checkpoints"
 FINAL = "final"
@@ -86,7 +88,10 @@ class RunRecord:
     scale: float
     """Input scale √d / E‖x‖ from the cache's statistics."""
     cache_location: str | None = None
-    """Where the cache was when the run started (informative: caches move)."""
+    """Where the cache was when the run started, absolute when local (informative: caches
+    move; relative to the working directory before saecache 0.3)."""
+    logging: dict | None = None
+    """TrainConfig.logging(): --log-every and --heldout-rows (informative; None before 0.3)."""
 
     @property
     def model(self) -> str:
@@ -108,8 +113,9 @@ class RunRecord:
 
     def to_json(self) -> dict:
         """run.json: the identity, where the cache was, and λ_Anthropic (informative)."""
-        return {**self.identity(), "cache_location": self.cache_location,
+        data = {**self.identity(), "cache_location": self.cache_location,
                 "l1_anthropic": self.l1_anthropic}
+        return data if self.logging is None else {**data, "logging": self.logging}
 
     @classmethod
     def from_json(cls, data: Any, path: Path) -> RunRecord:
@@ -118,7 +124,7 @@ class RunRecord:
             if not all(isinstance(data.get(key), dict) for key in ("spec", "train", "cache")):
                 raise TypeError
             return cls(RunSpec.from_json(data["spec"]), data["train"], data["cache"],
-                       float(data["scale"]), data.get("cache_location"))
+                       float(data["scale"]), data.get("cache_location"), data.get("logging"))
         except (AttributeError, KeyError, TypeError, ValueError):
             raise SaecacheError(f"{path} is not a saecache run record (spec, train, cache): was "
                                 "this run written by saecache train?") from None
@@ -168,6 +174,17 @@ class RunFolder:
 
     def record(self) -> RunRecord:
         return RunRecord.from_json(read_json(self.config), self.config)
+
+    def recorded_cache(self, record: RunRecord) -> str | None:
+        """Where run.json says the run's cache is, from any working directory: a URL as it is,
+        a local path absolute. A relative one (before saecache 0.3, relative to the working
+        directory of the train) is looked for under the run folder's ancestors, nearest first
+        (train's --out was given relative to that same directory), then the working directory;
+        if found nowhere, it is returned absolute from the working directory."""
+        location = record.cache_location
+        if location is None or "://" in location:
+            return location
+        return resolve_recorded(location, ancestors(str(self.dir))) or os.path.abspath(location)
 
     def write_record(self, record: RunRecord) -> None:
         write_json(self.config, record.to_json())

@@ -34,6 +34,8 @@ class SisterRun:
         self.folder, self.record, self.cfg = folder, record, cfg
         self.spec: RunSpec = record.spec
         self.trainer = SAETrainer(record.spec, cfg, d, mean)
+        self.start_step: int | None = None
+        """The step :meth:`resume` continued from (cfg.steps: the run had finished already)."""
 
     @classmethod
     def open(cls, folder: RunFolder, record: RunRecord, cfg: TrainConfig, d: int,
@@ -68,6 +70,7 @@ class SisterRun:
         """Write run.json of a new run; or load the checkpoint of ``step`` and cut the metrics
         log back to it. Returns the reader's byte count saved with the checkpoint (0: none)."""
         folder, state = self.folder, {}
+        self.start_step = step
         if not folder.is_run:
             with self._writing(folder.config):
                 folder.write_record(self.record)
