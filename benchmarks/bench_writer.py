@@ -49,7 +49,7 @@ DEFAULT_THREADS = HarvestConfig.__dataclass_fields__["writer_threads"].default
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--dir", default=tempfile.gettempdir(), help="folder to write in [%(default)s]")
-    p.add_argument("--blocks", type=int, default=2, help="blocks per timing [%(default)s]")
+    p.add_argument("--blocks", type=int, default=6, help="blocks per timing [%(default)s]")
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--d", type=int, default=1024)
     p.add_argument("--rows", type=int, default=16384, help="rows per chunk (a multiple of 2048)")
