@@ -302,3 +302,21 @@ def test_a_killed_writers_temporary_is_ignored_by_verify_and_removed_on_resume(t
     rerun = CliRunner().invoke(cli, harvest_args(cache, tiny_model))
     assert rerun.exit_code == 0, rerun.output
     assert not left[0].exists() and tree_digest(cache) == tree_digest(cache_path)
+
+
+def test_bench_writer_runs_and_ends_with_its_ratio(tmp_path):
+    """benchmarks/bench_writer.py at a toy size: the figures are meaningless, the script is not."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_writer.py"
+    done = subprocess.run([sys.executable, str(script), "--dir", str(tmp_path), "--layers", "2",
+                           "--d", "64", "--rows", "2048", "--blocks", "2", "--repeats", "1", "--zarr"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert re.fullmatch(r"writer/raw \d+\.\d\d", lines[-1]) and float(lines[-1].split()[1]) > 0
+    assert any(line.startswith("zarr/raw ") for line in lines)
+    assert list(tmp_path.iterdir()) == []  # it cleans up after itself
