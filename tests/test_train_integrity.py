@@ -264,19 +264,6 @@ class FullDisk:
         self.f.close()
 
 
-def test_torch_save_on_a_full_disk_is_the_disk_error_naming_the_file(tmp_path, monkeypatch):
-    real_fdopen = os.fdopen
-    with monkeypatch.context() as patch:
-        patch.setattr(atomic.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), 1000))
-        with pytest.raises(RuntimeError):  # what torch makes of it by itself
-            with open(tmp_path / "plain.pt", "wb") as f:
-                torch.save({"w": torch.zeros(4096)}, FullDisk(f, 1000))
-        with pytest.raises(OSError) as err:
-            atomic.atomic_write(tmp_path / "w.pt", lambda f: torch.save({"w": torch.zeros(4096)}, f))
-    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "w.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pt"]  # no temporary left
-
-
 class Interrupted(FullDisk):
     """A file whose ``after``-th write is interrupted, as a SIGTERM handler raising inside it."""
 
@@ -291,17 +278,23 @@ class Interrupted(FullDisk):
         return super().write(data)
 
 
-def test_a_signal_inside_torch_save_is_the_interrupt_not_torchs_runtime_error(tmp_path, monkeypatch):
-    """SIGTERM's handler raises inside the file's write; torch's zip writer turns that into
-    "unexpected pos". atomic_write raises the interrupt itself (exit 143, not a traceback)."""
+@pytest.mark.parametrize("wrap, raised", [(lambda f: FullDisk(f, 1000), OSError),
+                                          (lambda f: Interrupted(f, 3), KeyboardInterrupt)],
+                         ids=["full disk", "signal"])
+def test_what_torch_save_makes_a_runtime_error_of_is_raised_as_itself(tmp_path, monkeypatch, wrap, raised):
+    """A full disk, or SIGTERM's handler raising inside a write (exit 143, not a traceback):
+    torch's zip writer turns either into "unexpected pos"; atomic_write raises the cause,
+    an OSError naming the file, and leaves no temporary."""
     real_fdopen = os.fdopen
     with monkeypatch.context() as patch:
-        patch.setattr(atomic.os, "fdopen", lambda fd, mode: Interrupted(real_fdopen(fd, mode), 3))
+        patch.setattr(atomic.os, "fdopen", lambda fd, mode: wrap(real_fdopen(fd, mode)))
         with pytest.raises(RuntimeError):  # what torch makes of it by itself
             with open(tmp_path / "plain.pt", "wb") as f:
-                torch.save({"w": torch.zeros(4096)}, Interrupted(f, 3))
-        with pytest.raises(KeyboardInterrupt):
+                torch.save({"w": torch.zeros(4096)}, wrap(f))
+        with pytest.raises(raised) as err:
             atomic.atomic_write(tmp_path / "w.pt", lambda f: torch.save({"w": torch.zeros(4096)}, f))
+    if raised is OSError:
+        assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "w.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pt"]  # no temporary left
 
 
