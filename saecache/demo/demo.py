@@ -49,7 +49,7 @@ def demo_train_configs(out: Path, device: str) -> list[TrainConfig]:
     adaptive toward L0 = 16, and TopK with k = 16."""
     common = dict(cache=str(out / "cache.zarr"), out=str(out / "runs"), layers=(DEMO_LAYER,),
                   expansion=4, tokens=49152, snapshots=(16000, 32000), dead_window=16384,
-                  log_every=16, device=device,
+                  log_every=16, checkpoint_every=16384, device=device,
                   reader=ReaderConfig(batch_size=128, mix_chunks=4, threads=2))
     return [TrainConfig(l1=("1e-2", "adaptive:16"), **common), TrainConfig(arch="topk", k=(16,), **common)]
 
