@@ -139,8 +139,10 @@ def test_differing_files_names_a_changed_chunk_and_a_missing_one(cache_path, tmp
                                                                 "tokens/zarr.json"]))
 
 
-def test_cuda_tests_section_reads_what_pytest_reports(tmp_path, monkeypatch):
-    tests = tmp_path / "test_stub.py"  # -k cuda selects by test and module name
+def test_cuda_tests_section_reads_what_pytest_reports(tmp_path_factory, monkeypatch):
+    # -k cuda matches the names of the test, its module and (newer pytest) its folders: the
+    # stub's folder must not be named after this test, as tmp_path is
+    tests = tmp_path_factory.mktemp("stub") / "test_stub.py"
     monkeypatch.setattr(gpu_check, "CUDA_TEST_FILES", (str(tests),))
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # seconds saved; the stub needs none
     budget = gpu_check.Budget(120)
