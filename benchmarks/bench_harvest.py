@@ -13,7 +13,7 @@ weights, built locally: `tiny` (the demo's GPT-NeoX) or `pythia-410m` (its exact
 
 `--stats` times only the per-sequence statistics of one (8, 2048, 1024) batch (one layer's
 share of a forward): storage.stats.sequence_sums against the plain implementation it replaced
-(kept in tests/test_harvest_fastpath.py), best of `--repeat`.
+(kept in tests/reference.py), best of `--repeat`.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def run_harvest(model: Path, text: Path, folder: Path, args) -> tuple[float, flo
 def time_stats(device: str, dtype: str, repeat: int, shape=(8, 2048, 1024)) -> dict:
     """Best-of-``repeat`` seconds of the old and new per-sequence statistics on one batch."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.test_harvest_fastpath import reference_sequence_sums
+    from tests.reference import reference_sequence_sums
 
     x = torch.randn(shape, device=device).to(DTYPES[dtype])
     best = {}

@@ -15,30 +15,11 @@ from saecache.core.distributed import Ranks
 from saecache.core.errors import SaecacheError
 from saecache.harvest.capture import HostBuffer, ResidualCapture
 from saecache.storage import stats
+from tests.reference import reference_sequence_sums
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 U = 2.0 ** -24  # fp32 unit roundoff
-
-
-@torch.no_grad()
-def reference_sequence_sums(x: torch.Tensor) -> torch.Tensor:
-    """The plain implementation sequence_sums replaced (an fp32 copy and ~12 passes)."""
-    xf = x.float()  # (B, T, d)
-    finite = torch.isfinite(xf)  # (B, T, d)
-    row_ok = finite.all(dim=-1, keepdim=True)  # (B, T, 1)
-    xf = torch.where(row_ok, xf, 0.0)
-    sq_norm = xf.pow(2).sum(dim=-1)  # (B, T)
-    return torch.cat(
-        [
-            xf.sum(dim=1),  # (B, d)
-            sq_norm.sqrt().sum(dim=1, keepdim=True),  # (B, 1)
-            sq_norm.sum(dim=1, keepdim=True),  # (B, 1)
-            row_ok.sum(dim=1, dtype=torch.float32),  # (B, 1)
-            (~finite).sum(dim=(1, 2), dtype=torch.float32).unsqueeze(1),  # (B, 1)
-        ],
-        dim=1,
-    )
 
 
 def gamma(n: int) -> float:

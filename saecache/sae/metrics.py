@@ -18,11 +18,6 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1]).to(torch.float64)
 
 
-def _sq_error(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Σ_n ||x_n − x̂_n||² (float64 scalar tensor)."""
-    return (_rows(x) - _rows(x_hat)).pow(2).sum()
-
-
 def fire_counts(acts: Tensor) -> Tensor:
     """(F,) int64: the rows of acts (N, F) on which each feature is nonzero (one comparison and
     one reduction over acts; CUDA's count_nonzero makes the (N, F) bool mask on the way). Its
@@ -158,8 +153,8 @@ class RunningMetrics:
         """Add a batch: x, x̂ (N, d) and optionally acts (N, F), or instead of acts their
         ``nonzero`` count (a scalar tensor, e.g. the sum of :func:`fire_counts`: no second pass
         over acts)."""
-        rows = _rows(x)  # (N, d) float64
-        sq_err, sum_x = _sq_error(x, x_hat), rows.sum(dim=0)  # scalar, (d,)
+        rows = _rows(x)  # (N, d) float64, made once per batch
+        sq_err, sum_x = (rows - _rows(x_hat)).pow(2).sum(), rows.sum(dim=0)  # Σ||x − x̂||², (d,)
         sum_sq_x = rows.pow(2).sum()
         if self._sq_err is None:
             self._sq_err, self._sum_x, self._sum_sq_x = sq_err, sum_x, sum_sq_x
